@@ -19,3 +19,7 @@ def shared_data() -> Path:
             pytest.fail(f"real data expected at {p} under CI but it is missing")
         pytest.skip(f"real data not found at {p} (set LUPNL_SHARED_DATA)")
     return p
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: long-running test (still run by .ci/run)")

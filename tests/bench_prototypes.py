@@ -1,0 +1,89 @@
+"""Benchmark: reference per-sample prototype loop vs lupnl's vectorised update, at the LUPerson-NL scale.
+
+Run by hand from the repo root (not collected by pytest):  python -m tests.bench_prototypes [--classes 430000 ...]
+Both functions run side by side in this process on the same inputs, interleaved, best of --repeats runs each;
+the result is checked for equality, printed, and drawn to images/models_prototype_update_bench.png.
+"""
+import argparse
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from lupnl.models import update_prototypes_, update_prototypes_loop_
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def time_once(fn, P0, feats, labels, m):
+    P = P0.clone()
+    if P.is_cuda: torch.cuda.synchronize()
+    t = time.perf_counter()
+    fn(P, feats, labels, m)
+    if P.is_cuda: torch.cuda.synchronize()
+    return time.perf_counter() - t, P
+
+
+def bench(classes, batch, dim, repeats, ids_in_batch, m=0.999, device="cpu", seed=0):
+    "Best-of-`repeats` seconds of (loop, vectorised) for one label scenario; also returns the max abs difference."
+    g = torch.Generator().manual_seed(seed)
+    P0 = F.normalize(torch.randn(classes, dim, generator=g), dim=1).to(device)
+    feats = F.normalize(torch.randn(batch, dim, generator=g), dim=1).to(device)
+    pool = torch.randperm(classes, generator=g)[:ids_in_batch] if ids_in_batch else None
+    labels = (torch.randint(0, classes, (batch,), generator=g) if pool is None
+              else pool[torch.randint(0, len(pool), (batch,), generator=g)]).to(device)
+    best = {"loop": float("inf"), "vectorised": float("inf")}
+    for _ in range(repeats):  # interleaved so both see the same machine load
+        t, P_loop = time_once(update_prototypes_loop_, P0, feats, labels, m); best["loop"] = min(best["loop"], t)
+        t, P_vec = time_once(update_prototypes_, P0, feats, labels, m); best["vectorised"] = min(best["vectorised"], t)
+    diff = (P_loop - P_vec).abs().max().item()
+    return best, diff, len(labels.unique())
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--classes", type=int, default=430_000)
+    ap.add_argument("--batch", type=int, default=1536)
+    ap.add_argument("--dim", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--plot", default=str(REPO / "images" / "models_prototype_update_bench.png"))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+          f"{args.threads} threads, load average {load:.1f} (the machine may be shared: best of {args.repeats})")
+    scenarios = {"random labels": 0, f"{args.batch // 16} ids x 16": args.batch // 16}
+    rows = []
+    for name, ids in scenarios.items():
+        best, diff, n_ids = bench(args.classes, args.batch, args.dim, args.repeats, ids, device=args.device)
+        ratio = best["loop"] / best["vectorised"]
+        rows.append((name, best, ratio))
+        print(f"{name:>16} ({n_ids} distinct): loop {1e3 * best['loop']:8.2f} ms | vectorised "
+              f"{1e3 * best['vectorised']:6.3f} ms | x{ratio:6.0f} | max |diff| {diff:.1e}")
+        assert diff < 1e-5, f"vectorised update differs from the loop by {diff}"
+    if args.plot:
+        import matplotlib; matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, ax = plt.subplots(figsize=(7, 3.2))
+        names = [r[0] for r in rows]
+        x = range(len(rows))
+        ax.bar([i - 0.2 for i in x], [1e3 * r[1]["loop"] for r in rows], 0.4, label="reference loop + full renorm")
+        ax.bar([i + 0.2 for i in x], [1e3 * r[1]["vectorised"] for r in rows], 0.4, label="vectorised (lupnl)")
+        for i, r in enumerate(rows):
+            ax.text(i + 0.2, 1e3 * r[1]["vectorised"], f"x{r[2]:.0f}", ha="center", va="bottom")
+        ax.set_xticks(list(x), names); ax.set_yscale("log"); ax.set_ylabel("ms per update (best of %d)" % args.repeats)
+        ax.set_title(f"Prototype update: batch {args.batch}, {args.classes:,} ids, {args.dim}-d, "
+                     f"{args.device.upper()} {args.threads} thr (shared)", fontsize=9)
+        ax.legend(fontsize=8); fig.tight_layout()
+        Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(args.plot, dpi=120)
+        print("saved", args.plot)
+
+
+if __name__ == "__main__":
+    main()

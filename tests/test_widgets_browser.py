@@ -1,0 +1,271 @@
+"""Real-browser test of the widgets chapter: JupyterLab serves a copy of nbs/, headless Chromium (selenium)
+opens nbs/06_widgets.ipynb, runs all cells from the Run menu, and we use the widgets as a person would:
+pick another label in the cluster explorer, switch its colouring, press "Next failure" in the retrieval browser,
+and check that the views update. Screenshots of both widgets go to images/.
+
+Needs chromium + chromedriver (.ci/system-deps installs them on Debian). Without them the test is skipped
+locally and fails under CI (CI=true). Nothing is fetched from the network."""
+import json, os, re, secrets, shutil, signal, socket, subprocess, sys, tempfile, time, urllib.request
+from pathlib import Path
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+NOTEBOOK = "06_widgets.ipynb"
+SHOTS = {"lupnl-cluster-explorer": REPO / "images" / "widget_cluster_explorer.png",
+         "lupnl-retrieval-browser": REPO / "images" / "widget_retrieval_browser.png"}
+RUN_TIMEOUT = 900        # s for "Run All Cells" (UMAP's first-call numba compile alone is ~20 s on 2 cores)
+UI_TIMEOUT = 120         # s for the page / a widget to react
+
+
+def _find(env, default):
+    p = os.environ.get(env) or default
+    return p if p and Path(p).is_file() else None
+
+
+def _require_browser():
+    "(chromium, chromedriver) paths; skip (locally) or fail (under CI) when missing."
+    chromium = _find("LUPNL_CHROMIUM", shutil.which("chromium") or "/usr/bin/chromium")
+    driver = _find("LUPNL_CHROMEDRIVER", shutil.which("chromedriver") or "/usr/bin/chromedriver")
+    missing = [n for n, p in (("chromium", chromium), ("chromedriver", driver)) if p is None]
+    try: import selenium  # noqa: F401
+    except ImportError: missing.append("the selenium package")
+    if missing:
+        msg = f"browser test needs {', '.join(missing)} (.ci/system-deps installs chromium + chromium-driver)"
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"): pytest.fail(msg)
+        pytest.skip(msg)
+    return chromium, driver
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ensure_venv_kernel(env):
+    "Make the `python3` kernelspec the lab will use point at this interpreter's environment (install it if not)."
+    probe = ("from jupyter_client.kernelspec import KernelSpecManager as K;"
+             "print(K().get_kernel_spec('python3').argv[0])")
+    def argv0(): return subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True,
+                                       check=True).stdout.strip()
+    ours = Path(sys.executable).parent
+    def is_ours(exe): return exe in ("python", "python3") or Path(shutil.which(exe, path=env.get("PATH")) or exe).parent == ours
+    if not is_ours(argv0()):
+        subprocess.run([sys.executable, "-m", "ipykernel", "install", "--sys-prefix", "--name", "python3"],
+                       env=env, check=True, capture_output=True)
+    exe = argv0()
+    assert is_ours(exe), f"kernel python3 runs {exe}, not {sys.executable}"
+
+
+def _write_settings(root):
+    "Lab settings for a quiet, deterministic, offline session (no news / update checks, every cell in the DOM)."
+    settings = {"@jupyterlab/apputils-extension/notification": {"fetchNews": "false", "checkForUpdates": False},
+                "@jupyterlab/notebook-extension/tracker": {"windowingMode": "none"},
+                "@jupyterlab/extensionmanager-extension/plugin": {"enabled": False}}
+    for name, value in settings.items():
+        ext, plugin = name.rsplit("/", 1)
+        p = root / "settings" / ext / f"{plugin}.jupyterlab-settings"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(json.dumps(value))
+    (root / "config").mkdir(exist_ok=True)
+    (root / "config" / "jupyter_server_config.json").write_text(json.dumps(
+        {"LabApp": {"news_url": None, "check_for_updates_class": "jupyterlab.NeverCheckForUpdate",
+                    "extension_manager": "readonly"}}))
+
+
+class Lab:
+    "A JupyterLab server on 127.0.0.1 serving `root_dir`, with a token, in its own process group."
+    def __init__(self, root_dir, home):
+        self.port, self.token = _free_port(), secrets.token_hex(16)
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {**os.environ, "JUPYTER_CONFIG_DIR": str(home / "config"), "JUPYTER_DATA_DIR": str(home / "data"),
+                    "JUPYTER_RUNTIME_DIR": str(home / "runtime"), "JUPYTERLAB_SETTINGS_DIR": str(home / "settings"),
+                    "JUPYTERLAB_WORKSPACES_DIR": str(home / "workspaces"), "IPYTHONDIR": str(home / "ipython"),
+                    "JUPYTER_PLATFORM_DIRS": "1", "PYTHONUNBUFFERED": "1"}
+        self.env.pop("MPLBACKEND", None)  # the kernel uses the inline backend, as a person's would
+        _ensure_venv_kernel(self.env)
+        self.log_path = home / "lab.log"
+        self.log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "jupyter", "lab", "--no-browser", "--ServerApp.ip=127.0.0.1",
+             f"--ServerApp.port={self.port}", "--ServerApp.port_retries=0", f"--IdentityProvider.token={self.token}",
+             f"--ServerApp.root_dir={root_dir}"] + (["--allow-root"] if os.geteuid() == 0 else []),
+            env=self.env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + UI_TIMEOUT
+        while True:
+            if self.proc.poll() is not None: raise RuntimeError(f"JupyterLab exited early:\n{self.logs()}")
+            try:
+                if self.api("status"): break
+            except OSError: pass
+            if time.time() > deadline: raise TimeoutError(f"JupyterLab did not start in {UI_TIMEOUT}s:\n{self.logs()}")
+            time.sleep(0.5)
+
+    def api(self, path, method="GET"):
+        req = urllib.request.Request(f"{self.url}/api/{path}", method=method,
+                                     headers={"Authorization": f"token {self.token}"})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            body = r.read()
+        return json.loads(body) if body else {}
+
+    def logs(self, tail=4000):
+        self.log.flush()
+        return self.log_path.read_text()[-tail:]
+
+    def stop(self):
+        "Shut kernels and server down through the API, then make sure the process group is gone."
+        if self.proc.poll() is None:
+            try: self.api("shutdown", method="POST")
+            except OSError: pass
+            try: self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+                try: self.proc.wait(15)
+                except subprocess.TimeoutExpired: os.killpg(self.proc.pid, signal.SIGKILL); self.proc.wait()
+        self.log.close()
+
+
+def _chrome(chromium, chromedriver, profile):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    os.environ.setdefault("SE_OFFLINE", "true")  # selenium-manager must not try to download anything
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = chromium
+    for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+              "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run",
+              "--disable-extensions", f"--user-data-dir={profile}", "--window-size=1500,1300",
+              "--force-device-scale-factor=1"):
+        opts.add_argument(a)
+    return webdriver.Chrome(service=Service(executable_path=chromedriver), options=opts)
+
+
+def _wait(fn, timeout, what, poll=0.5):
+    "Poll `fn` until it returns a truthy value; fail with `what` after `timeout` seconds."
+    deadline, last = time.time() + timeout, None
+    while time.time() < deadline:
+        try:
+            v = fn()
+            if v: return v
+        except Exception as e: last = e  # stale elements while the DOM is being re-rendered
+        time.sleep(poll)
+    raise TimeoutError(f"timed out after {timeout}s waiting for {what}" + (f" (last error: {last!r})" if last else ""))
+
+
+def _tracebacks(driver):
+    from selenium.webdriver.common.by import By
+    outs = driver.find_elements(By.CSS_SELECTOR, ".jp-OutputArea-output")
+    return [o.text for o in outs if "Traceback (most recent call last)" in o.text]
+
+
+def _run_all_done(driver):
+    "True once every code cell has an execution count; fails at once if a cell raised."
+    from selenium.webdriver.common.by import By
+    tb = _tracebacks(driver)
+    if tb: pytest.fail("a notebook cell failed in the browser:\n" + tb[0][-3000:])
+    prompts = [p.text.strip() for p in driver.find_elements(By.CSS_SELECTOR, ".jp-CodeCell .jp-InputPrompt")]
+    return bool(prompts) and all(re.fullmatch(r"\[\d+\]:", p) for p in prompts)
+
+
+def _img_srcs(el, css):
+    from selenium.webdriver.common.by import By
+    return [i.get_attribute("src") for i in el.find_elements(By.CSS_SELECTOR, css)]
+
+
+@pytest.mark.slow
+def test_widgets_in_jupyterlab():
+    chromium, chromedriver = _require_browser()
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+    home = Path(tempfile.mkdtemp(prefix="lupnl-widgets-browser-"))
+    lab = driver = None
+    ok = False
+    try:
+        root = home / "repo"
+        shutil.copytree(REPO / "nbs", root / "nbs", ignore=shutil.ignore_patterns(".ipynb_checkpoints"))
+        (root / "images").mkdir()  # the notebook saves its figures to ../images: keep them in the copy
+        _write_settings(home)
+        t0 = time.time()
+        lab = Lab(root, home)
+        spec = lab.api("kernelspecs")["kernelspecs"]["python3"]["spec"]["argv"][0]
+        assert spec in ("python", "python3") or Path(spec).parent == Path(sys.executable).parent, spec
+        driver = _chrome(chromium, chromedriver, home / "chrome-profile")
+        driver.get(f"{lab.url}/lab/tree/nbs/{NOTEBOOK}?token={lab.token}")
+        # the notebook is open and its kernel is ready
+        _wait(lambda: driver.find_elements(By.CSS_SELECTOR, ".jp-NotebookPanel .jp-CodeCell"), UI_TIMEOUT, "the notebook")
+        _wait(lambda: driver.find_elements(By.CSS_SELECTOR, ".jp-Notebook-ExecutionIndicator[data-status='idle']"),
+              UI_TIMEOUT, "an idle kernel")
+        # Run > Run All Cells, through the menu as a person would
+        run_menu = _wait(lambda: [m for m in driver.find_elements(By.CSS_SELECTOR, ".lm-MenuBar-item")
+                                  if m.text.strip() == "Run"], UI_TIMEOUT, "the Run menu")[0]
+        run_menu.click()
+        _wait(lambda: [i for i in driver.find_elements(By.CSS_SELECTOR, ".lm-Menu-item .lm-Menu-itemLabel")
+                       if i.text.strip() == "Run All Cells"], UI_TIMEOUT, "the Run All Cells entry")[0].click()
+        _wait(lambda: _run_all_done(driver), RUN_TIMEOUT, "all cells to run")
+        t_run = time.time() - t0
+
+        # --- cluster explorer: rendered with its controls and a grid of crops ---
+        ex = _wait(lambda: driver.find_elements(By.CSS_SELECTOR, ".lupnl-cluster-explorer"), UI_TIMEOUT,
+                   "the cluster explorer")[0]
+        for css in (".widget-toggle-buttons", ".widget-dropdown select", ".widget-select select", ".widget-slider"):
+            assert ex.find_elements(By.CSS_SELECTOR, css), f"cluster explorer has no {css}"
+        _wait(lambda: len(_img_srcs(ex, ".lupnl-grid img")) > 0, UI_TIMEOUT, "grid images")
+        plot = ex.find_element(By.CSS_SELECTOR, ".widget-image")  # the UMAP map comes first
+        assert plot.size["width"] > 200 and plot.size["height"] > 200, plot.size
+        driver.execute_script("arguments[0].scrollIntoView({block: 'start'});", ex)
+        time.sleep(1)
+        ex.screenshot(str(SHOTS["lupnl-cluster-explorer"]))
+
+        # choose another label in the dropdown: the info line, the grid images and the map change
+        select = Select(ex.find_element(By.CSS_SELECTOR, ".widget-dropdown select"))
+        current = select.first_selected_option.get_attribute("value")
+        other = next(o for o in select.options if o.get_attribute("value") != current)
+        other_label = other.text.split(" ")[0]
+        grid_before, plot_before = _img_srcs(ex, ".lupnl-grid img"), plot.get_attribute("src")
+        select.select_by_visible_text(other.text)
+        _wait(lambda: f"label {other_label}:" in ex.find_element(By.CSS_SELECTOR, ".widget-html").text,
+              UI_TIMEOUT, f"the info line to show label {other_label}")
+        _wait(lambda: _img_srcs(ex, ".lupnl-grid img") and _img_srcs(ex, ".lupnl-grid img") != grid_before,
+              UI_TIMEOUT, "the grid to change")
+        _wait(lambda: plot.get_attribute("src") != plot_before, UI_TIMEOUT, "the map to redraw")
+        # colour by the true identity: the toggle button becomes active and the map is redrawn
+        plot_before = plot.get_attribute("src")
+        button = next(b for b in ex.find_elements(By.CSS_SELECTOR, ".widget-toggle-buttons button")
+                      if b.text.strip() == "true identity")
+        button.click()
+        _wait(lambda: "mod-active" in button.get_attribute("class"), UI_TIMEOUT, "the toggle to become active")
+        _wait(lambda: plot.get_attribute("src") != plot_before, UI_TIMEOUT, "the map to redraw in new colours")
+
+        # --- retrieval browser: "Next failure" moves to another query ---
+        rb = _wait(lambda: driver.find_elements(By.CSS_SELECTOR, ".lupnl-retrieval-browser"), UI_TIMEOUT,
+                   "the retrieval browser")[0]
+        for css in (".widget-dropdown select", ".widget-slider", ".widget-checkbox", ".widget-button"):
+            assert rb.find_elements(By.CSS_SELECTOR, css), f"retrieval browser has no {css}"
+        _wait(lambda: len(_img_srcs(rb, ".lupnl-results img")) > 1, UI_TIMEOUT, "the query and its results")
+        driver.execute_script("arguments[0].scrollIntoView({block: 'start'});", rb)
+        time.sleep(1)
+        rb.screenshot(str(SHOTS["lupnl-retrieval-browser"]))
+        header = lambda: next(h.text for h in rb.find_elements(By.CSS_SELECTOR, ".widget-html") if "query #" in h.text)
+        def query_no(): return int(re.search(r"query #(\d+)", header()).group(1))
+        q0, results_before = query_no(), _img_srcs(rb, ".lupnl-results img")
+        next_btn = next(b for b in rb.find_elements(By.CSS_SELECTOR, "button") if "Next failure" in b.text)
+        next_btn.click()
+        q1 = _wait(lambda: query_no() != q0 and query_no(), UI_TIMEOUT, "Next failure to change the query")
+        assert re.search(r"AP (\d\.\d+)", header()) and float(re.search(r"AP (\d\.\d+)", header()).group(1)) < \
+            float(rb.find_element(By.CSS_SELECTOR, ".widget-slider .widget-readout").text), header()
+        _wait(lambda: _img_srcs(rb, ".lupnl-results img") != results_before, UI_TIMEOUT, "the results to change")
+        dropdown = Select(rb.find_element(By.CSS_SELECTOR, ".widget-dropdown select"))
+        _wait(lambda: dropdown.first_selected_option.get_attribute("value") is not None
+              and dropdown.first_selected_option.text.startswith(f"#{q1} "), UI_TIMEOUT, "the dropdown to follow")
+        print(f"\nbrowser test: lab start + run all cells {t_run:.0f}s, total {time.time() - t0:.0f}s")
+        for p in SHOTS.values(): assert p.stat().st_size > 10_000, p
+        ok = True
+    except Exception:
+        if lab is not None: print("JupyterLab log tail:\n" + lab.logs())
+        if driver is not None:
+            try: driver.save_screenshot(str(home / "failure.png")); print(f"page screenshot: {home / 'failure.png'}")
+            except Exception: pass
+        raise
+    finally:
+        if driver is not None: driver.quit()
+        if lab is not None: lab.stop()
+        if ok: shutil.rmtree(home, ignore_errors=True)
+        else: print(f"kept {home} (lab.log, failure.png) for inspection")
