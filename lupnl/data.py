@@ -11,7 +11,7 @@ __all__ = ['LABEL_FIELDS', 'IMG_EXTS', 'Item', 'IMAGENET_MEAN', 'IMAGENET_STD', 
            'pretrain_weak_transform', 'pretrain_strong_transform', 'denormalize', 'PKSampler', 'DistributedPKSampler',
            'DistributedShuffleSampler', 'simulate_noise', 'measure_noise', 'ToyData', 'make_toy_dataset', 'toy_dataset']
 
-# %% ../nbs/00_data.ipynb #70bd65f7
+# %% ../nbs/00_data.ipynb #86c00562
 import io, os, re, json, math, pickle, shutil, uuid, time, warnings
 from collections import namedtuple
 from dataclasses import dataclass, asdict
@@ -27,7 +27,7 @@ from torch.utils.data import Dataset, Sampler, DistributedSampler
 from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
-# %% ../nbs/00_data.ipynb #8f5953e2
+# %% ../nbs/00_data.ipynb #31843215
 class DataError(Exception):
     "A problem with the data: the message names the file (and key) and what is wrong."
 
@@ -49,7 +49,7 @@ def _require(path, what):
     if not p.exists(): raise DataNotFoundError(f"{what} not found: {p}")
     return p
 
-# %% ../nbs/00_data.ipynb #1270ddad
+# %% ../nbs/00_data.ipynb #046155bb
 LABEL_FIELDS = ("pids", "vids")  # label fields of keys.pkl, in auto-detection order
 
 _SAFE_GLOBALS = {("builtins", n) for n in ("dict", "list", "tuple", "set", "frozenset", "str", "bytes",
@@ -86,7 +86,7 @@ def load_keys(path):
             raise DataError(f"{f}: '{fld}' has {len(d[fld])} entries but 'keys' has {n}")
     return d
 
-# %% ../nbs/00_data.ipynb #98085b55
+# %% ../nbs/00_data.ipynb #d0084a26
 def write_lmdb(out_dir, items, map_size=None, extra=None, label_field="pids", total=None, progress=True):
     "Write `items` = iterable of `(image_bytes, label or None)` as a LUPerson-NL LMDB + keys.pkl in `out_dir`; returns the folder."
     out = Path(out_dir)
@@ -128,7 +128,7 @@ def write_lmdb(out_dir, items, map_size=None, extra=None, label_field="pids", to
     os.replace(tmpf, out / "keys.pkl")
     return out
 
-# %% ../nbs/00_data.ipynb #3b3120b1
+# %% ../nbs/00_data.ipynb #f78b8654
 IMG_EXTS = (".jpg", ".jpeg", ".png", ".bmp")
 
 def _int_or_none(s):
@@ -154,7 +154,7 @@ def write_lmdb_from_folder(folder, out_dir, map_size=None, label_field="pids", p
     return write_lmdb(out_dir, items, map_size=map_size, extra=extra, label_field=label_field,
                       total=len(files), progress=progress)
 
-# %% ../nbs/00_data.ipynb #713596dd
+# %% ../nbs/00_data.ipynb #0b617468
 _ENVS = {}  # realpath -> (pid, env): one read-only handle per LMDB per process
 
 def _open_lmdb(path):
@@ -238,14 +238,14 @@ class LMDBDataset(Dataset):
     def __repr__(self):
         return f"LMDBDataset({str(self.root)!r}: {len(self)} images, {self.num_classes} classes from '{self.label_field}')"
 
-# %% ../nbs/00_data.ipynb #2e436723
+# %% ../nbs/00_data.ipynb #cb745897
 class TwoViewTransform:
     "Two augmented views of one image, `(weak(img), strong(img))`, for pre-training with `LMDBDataset`."
     def __init__(self, weak, strong): self.weak, self.strong = weak, strong
     def __call__(self, img): return self.weak(img), self.strong(img)
     def __repr__(self): return f"TwoViewTransform(weak={self.weak!r}, strong={self.strong!r})"
 
-# %% ../nbs/00_data.ipynb #a0c5c8ba
+# %% ../nbs/00_data.ipynb #fc66143d
 Item = namedtuple("Item", "path pid camid")
 
 @dataclass(repr=False)
@@ -267,7 +267,7 @@ class Benchmark:
     def __repr__(self):
         return f"Benchmark({self.name!r}, train={len(self.train)}, query={len(self.query)}, gallery={len(self.gallery)})"
 
-# %% ../nbs/00_data.ipynb #942ee79b
+# %% ../nbs/00_data.ipynb #f710af73
 _MARKET_RE = re.compile(r"^(-?\d+)_c(\d+)")
 
 def _read_market_dir(d):
@@ -302,7 +302,7 @@ def read_cuhk03_np(root, kind="labeled"):
     b = _read_market_layout(_require(root, "CUHK03-NP root") / kind, f"cuhk03_np_{kind}")
     return b
 
-# %% ../nbs/00_data.ipynb #1e66aee4
+# %% ../nbs/00_data.ipynb #473f1510
 def _read_msmt_list(list_file, img_dir):
     items = []
     for ln, line in enumerate(_require(list_file, "MSMT17 list file").read_text().splitlines(), 1):
@@ -328,7 +328,7 @@ def read_msmt17(root):
     return Benchmark("msmt17", train, _read_msmt_list(root / "list_query.txt", test_dir),
                      _read_msmt_list(root / "list_gallery.txt", test_dir))
 
-# %% ../nbs/00_data.ipynb #25ffba0c
+# %% ../nbs/00_data.ipynb #7f0eba34
 _CUHK_PAIR_RE = re.compile(r"^(\d+)_(\d+)\.")
 
 def _read_cuhk_pair_dir(d, offset=0):
@@ -349,7 +349,7 @@ def read_cuhk03_pairs(root):
     val = _read_cuhk_pair_dir(root / "labeled" / "val", offset=max(i.pid for i in train) + 1)
     return Benchmark("cuhk03_pairs", train, [i for i in val if i.camid == 0], [i for i in val if i.camid == 1])
 
-# %% ../nbs/00_data.ipynb #5ba1d9f9
+# %% ../nbs/00_data.ipynb #52bbf4bd
 _MARS_RE = re.compile(r"^(\d{4}|00-1)C(\d)T(\d{4})F(\d{3})")
 
 def read_mars(root):
@@ -368,7 +368,7 @@ def read_mars(root):
                 for p in t["img_paths"] if int(t["pid"]) != -1]
     return Benchmark("mars", train, split("query"), split("gallery"))
 
-# %% ../nbs/00_data.ipynb #33e0b332
+# %% ../nbs/00_data.ipynb #0ddc6fbd
 def read_benchmark(root, name=None):
     "Read a benchmark, picking the reader from `name` or, when `None`, from the folder layout."
     readers = {"market1501": read_market1501, "dukemtmc": read_dukemtmc, "msmt17": read_msmt17,
@@ -385,7 +385,7 @@ def read_benchmark(root, name=None):
     if name not in readers: raise ValueError(f"unknown benchmark {name!r}; one of {sorted(readers)}")
     return readers[name](root)
 
-# %% ../nbs/00_data.ipynb #2eb13786
+# %% ../nbs/00_data.ipynb #06ade6d4
 def _open_image(path):
     try: return Image.open(path).convert("RGB")
     except FileNotFoundError: raise DataNotFoundError(f"image not found: {path}")
@@ -406,7 +406,7 @@ class ImageDataset(Dataset):
         if self.transform is not None: img = self.transform(img)
         return img, int(self.targets[i]), int(self.camids[i])
 
-# %% ../nbs/00_data.ipynb #fd166667
+# %% ../nbs/00_data.ipynb #7360fa31
 def _check_ratio(ratio):
     if not 0 < ratio <= 1: raise ValueError(f"ratio must be in (0, 1], got {ratio}")
 
@@ -428,7 +428,7 @@ def subset_shots(items, ratio, seed=0):
         keep.update(rng.choice(js, max(1, round(ratio * len(js))), replace=False).tolist())
     return [it for j, it in enumerate(items) if j in keep]
 
-# %% ../nbs/00_data.ipynb #9b7d0388
+# %% ../nbs/00_data.ipynb #d3c6a6e8
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 def _finish(mean, std):
@@ -461,7 +461,7 @@ def denormalize(x, mean=IMAGENET_MEAN, std=IMAGENET_STD):
     m, s = torch.tensor(mean).view(-1, 1, 1), torch.tensor(std).view(-1, 1, 1)
     return ((x.detach().cpu().float() * s + m).clamp(0, 1) * 255).round().to(torch.uint8)
 
-# %% ../nbs/00_data.ipynb #82bacb79
+# %% ../nbs/00_data.ipynb #c6b6085d
 def _dist_info(num_replicas=None, rank=None):
     "`(num_replicas, rank)`, defaulting to torch.distributed when initialised, else `(1, 0)`."
     if num_replicas is None or rank is None:
@@ -535,7 +535,7 @@ class DistributedShuffleSampler(DistributedSampler):
         self.epoch += 1
         return it
 
-# %% ../nbs/00_data.ipynb #2c4c228b
+# %% ../nbs/00_data.ipynb #9f91954a
 def _rank_within(groups, rng):
     "For each element, its rank among the elements of the same group, in a random order."
     perm = rng.permutation(len(groups))
@@ -548,7 +548,10 @@ def _rank_within(groups, rng):
     return rank
 
 def simulate_noise(labels, split=0., merge=0., flip=0., junk=0., seed=0):
-    "Tracking-like label noise on true identities `labels` -> `(noisy, true)` (true -1 = junk); deterministic from `seed`."
+    """Tracking-like label noise on true identities `labels` -> `(noisy, true)` (true -1 = junk); deterministic from `seed`.
+    `junk`, `flip`: fractions of all images; `split`: fraction of identities (each needs >= 4 images); `merge`: fraction
+    of the final non-junk labels. Merges pair tracklets of unsplit identities, so `2*merge/(1+merge)` of the tracklets
+    must be unsplit ones; a rate that the labels cannot give raises `ValueError`."""
     true = np.asarray(labels, dtype=np.int64).copy()
     if true.ndim != 1 or (true < 0).any(): raise ValueError("labels must be a 1-d array of identities >= 0")
     for name, r in dict(split=split, merge=merge, flip=flip, junk=junk).items():
@@ -617,7 +620,7 @@ def simulate_noise(labels, split=0., merge=0., flip=0., junk=0., seed=0):
     _, noisy = np.unique(noisy, return_inverse=True)
     return rng.permutation(noisy.max() + 1)[noisy], true
 
-# %% ../nbs/00_data.ipynb #be9437d0
+# %% ../nbs/00_data.ipynb #1562e38a
 def measure_noise(noisy, true, min_images=2):
     """Noise rates from noisy labels and true identities (true -1 = junk). With owner(label) = the true identity
     with most non-junk images in it (ties: smallest id) and a group = the images of one identity in one label:
@@ -648,8 +651,8 @@ def measure_noise(noisy, true, min_images=2):
                 mixing=float(np.bincount(np.searchsorted(labels_u, pairs[:, 0])).mean()),
                 n_images=len(true), n_ids=len(ids_u), n_labels=len(np.unique(noisy)))
 
-# %% ../nbs/00_data.ipynb #e1981d5d
-TOY_VERSION = 1
+# %% ../nbs/00_data.ipynb #ab5eefe5
+TOY_VERSION = 2
 _SKIN = np.array([[.96, .80, .69], [.90, .70, .55], [.76, .57, .42], [.55, .38, .26], [.36, .24, .16]])
 _HAIR = np.array([[.08, .06, .05], [.25, .15, .08], [.55, .38, .18], [.85, .72, .45], [.62, .62, .62], [.55, .2, .1]])
 
@@ -678,11 +681,12 @@ def _toy_people(rng, n):
 def _toy_cameras(rng, n):
     "Per-camera scene and colour response."
     return dict(wall=_colours(rng, n, (0, 0.6), (0.25, 0.9)), floor=_colours(rng, n, (0, 0.5), (0.15, 0.7)),
-                horizon=rng.uniform(0.45, 0.8, n), tex=rng.uniform(0.04, 0.16, n), gain=rng.uniform(0.7, 1.3, (n, 3)),
-                offset=rng.uniform(-0.06, 0.06, (n, 3)), gamma=rng.uniform(0.75, 1.3, n), blur=rng.uniform(0, 0.9, n),
+                horizon=rng.uniform(0.45, 0.8, n), tex=rng.uniform(0.03, 0.12, n), gain=rng.uniform(0.78, 1.22, (n, 3)),
+                offset=rng.uniform(-0.05, 0.05, (n, 3)), gamma=rng.uniform(0.8, 1.25, n),
+                blur=np.where(rng.random(n) < 0.5, rng.uniform(0.4, 0.9, n), 0),
                 front=rng.uniform(0.2, 0.8, n))
 
-# %% ../nbs/00_data.ipynb #7b909c67
+# %% ../nbs/00_data.ipynb #6ff663aa
 def _limb(xx, yy, x0, y0, x1, y1, r):
     "Mask of a thick, mostly vertical segment (x0, y0)-(x1, y1) of half-width `r`, drawn as horizontal spans; arguments (B,1,1)."
     t = np.clip((yy - y0) / (y1 - y0), 0, 1)  # (B,H,1)
@@ -786,31 +790,36 @@ def _render(people, cams, ident, cam, junk, rng, size):
     paint(sc(occ & pole).astype(bool) & (xx >= px) & (xx < px + sc(rng.uniform(3, 8, B)) * u), _OCC)
     paint(sc(occ & ~pole).astype(bool) & (yy >= sc(rng.uniform(0.6, 0.85, B) * H)), _OCC)
     palette[:, _OCC] = _colours(rng, B, (0, 0.8), (0.1, 0.8))
-    # colour: palette, rounded shading of the person, smooth lighting texture
+    # camera response on the palette: per-camera gain / offset / gamma, per-image brightness (cheap: 14 colours)
+    gain = C["gain"] * rng.uniform(0.94, 1.06, (B, 3)) * rng.uniform(0.75, 1.2, (B, 1))
+    palette = np.clip(palette * gain[:, None] + C["offset"][:, None], 0, 1) ** C["gamma"][:, None, None]
+    # colour the code map, shade the person, add smooth lighting texture (upsampled by two small matmuls)
     gen = torch.Generator().manual_seed(int(rng.integers(2 ** 62)))
-    img = torch.from_numpy(palette.reshape(-1, 3)[np.arange(B)[:, None, None] * 14 + code]).permute(0, 3, 1, 2)
+    idx = code.astype(np.int32) + np.arange(0, 14 * B, 14, dtype=np.int32)[:, None, None]
+    img = torch.from_numpy(np.take(palette.astype(np.float32).reshape(-1, 3), idx, axis=0))
     person = (code >= _SKIN_C) & (code < _OCC)
-    img = img * torch.from_numpy(np.where(person, 1 - 0.3 * np.clip(((xx - cx) / (1.4 * sw)) ** 2, 0, 1), 1).astype(np.float32))[:, None]
-    tex = torch.randn(B, 1, 5, 3, generator=gen) + 0.4 * torch.randn(B, 3, 5, 3, generator=gen)  # mostly luminance
-    tex = F.interpolate(tex, size=(H, W), mode="bilinear", align_corners=False)
-    img = img + tex * torch.from_numpy(C["tex"].astype(np.float32)).view(-1, 1, 1, 1)
-    # camera response: per-camera gain/offset/gamma/blur, per-image brightness, sensor noise
-    t = lambda a: torch.from_numpy(np.asarray(a, np.float32))
-    gain = C["gain"] * rng.uniform(0.92, 1.08, (B, 3))
-    img = (img * t(gain).view(B, 3, 1, 1) + t(C["offset"]).view(B, 3, 1, 1)).clamp(0, 1)
-    img = img ** t(C["gamma"]).view(B, 1, 1, 1) * t(rng.uniform(0.75, 1.2, B)).view(B, 1, 1, 1)
-    pad = F.pad(img, (1, 1, 1, 1), mode="replicate")
-    blurred = (img + pad[..., :-2, 1:-1] + pad[..., 2:, 1:-1] + pad[..., 1:-1, :-2] + pad[..., 1:-1, 2:]) / 5
-    img = torch.lerp(img, blurred, t(C["blur"]).view(B, 1, 1, 1))
-    img = img + 0.02 * torch.randn(img.shape, generator=gen)
-    return (img.clamp(0, 1) * 255 + 0.5).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+    img *= torch.from_numpy(np.where(person, 1 - 0.3 * np.clip(((xx - cx) / (1.4 * sw)) ** 2, 0, 1), 1).astype(np.float32))[..., None]
+    tex = torch.randn(B, 5, 3, 1, generator=gen) + 0.3 * torch.randn(B, 5, 3, 3, generator=gen)  # mostly luminance
+    tex = tex * torch.from_numpy((C["tex"][:, None] * gain).astype(np.float32))[:, None, None]
+    up = lambda n, m: torch.from_numpy(np.clip(1 - np.abs(np.linspace(0, m - 1, n)[:, None] - np.arange(m)), 0, 1).astype(np.float32))
+    img += torch.einsum("hi,bijc,wj->bhwc", up(H, 5), tex, up(W, 3))
+    # blur (cameras with blur > 0), sensor noise, quantisation
+    blur = torch.from_numpy(C["blur"].astype(np.float32))
+    sel = torch.from_numpy(np.flatnonzero(C["blur"] > 0))
+    if len(sel):
+        x = img[sel]
+        inner = (x[:, 1:-1, 1:-1] + x[:, :-2, 1:-1] + x[:, 2:, 1:-1] + x[:, 1:-1, :-2] + x[:, 1:-1, 2:]) / 5
+        x[:, 1:-1, 1:-1] += blur[sel].view(-1, 1, 1, 1) * (inner - x[:, 1:-1, 1:-1])
+        img[sel] = x
+    img += torch.from_numpy(rng.integers(-6, 7, (B, H, W, 1), dtype=np.int8)) * (1 / 255)
+    return (img.clamp_(0, 1) * 255 + 0.5).to(torch.uint8).numpy()
 
 def _jpeg(a, quality=90):
     b = io.BytesIO()
     Image.fromarray(a).save(b, format="JPEG", quality=quality)
     return b.getvalue()
 
-# %% ../nbs/00_data.ipynb #9316ac13
+# %% ../nbs/00_data.ipynb #f9c0a6d0
 @dataclass
 class ToyData:
     "Where a toy dataset lives: `lmdb` = the LUPerson-NL-format folder, `bench` = the Market-style folder."
@@ -878,7 +887,7 @@ def make_toy_dataset(root, n_ids=200, n_cams=6, imgs_per_id=(8, 22), n_bench_ids
     (out.root / "toy.json").write_text(json.dumps(info, indent=1))
     return out
 
-# %% ../nbs/00_data.ipynb #55039d7a
+# %% ../nbs/00_data.ipynb #ec1cf514
 def _toy_params(**kwargs):
     "The full, JSON-normalised generator parameters (defaults filled in)."
     import inspect

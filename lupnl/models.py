@@ -7,7 +7,7 @@ __all__ = ['ARCHS', 'EncoderOutput', 'ABLATIONS', 'world_size', 'concat_all_gath
            'resnet_trunk', 'Encoder', 'momentum_update_', 'enqueue_', 'update_prototypes_loop_', 'update_prototypes_',
            'correct_labels', 'instance_loss', 'PNL', 'LoadReport', 'load_pretrained', 'export_backbone']
 
-# %% ../nbs/02_models.ipynb #ce868359
+# %% ../nbs/02_models.ipynb #d0612c01
 import math
 from collections import namedtuple
 from dataclasses import dataclass, field
@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-# %% ../nbs/02_models.ipynb #581b7a17
+# %% ../nbs/02_models.ipynb #627dc503
 def world_size():
     "Number of processes in the default `torch.distributed` group (1 when not distributed)."
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
@@ -34,7 +34,7 @@ def concat_all_gather(tensor):
     dist.all_gather(out, tensor)
     return torch.cat(out)
 
-# %% ../nbs/02_models.ipynb #d063709c
+# %% ../nbs/02_models.ipynb #8eac6565
 def _like(x, ref):
     "`x` in the memory format of `ref` (keeps channels_last images channels_last after gather / indexing)."
     if ref.dim() == 4 and ref.is_contiguous(memory_format=torch.channels_last):
@@ -60,7 +60,7 @@ def batch_unshuffle_ddp(x, idx_unshuffle):
     rank = dist.get_rank() if world_size() > 1 else 0
     return x_all[idx_unshuffle.view(-1, n)[rank]]
 
-# %% ../nbs/02_models.ipynb #af7f3e4c
+# %% ../nbs/02_models.ipynb #185a93fd
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 EncoderOutput = namedtuple("EncoderOutput", "feat emb logits")
 EncoderOutput.__doc__ = "Train-mode output of `Encoder`: pooled feature, normalised embedding (or None), class logits (or None)."
@@ -75,8 +75,13 @@ def resnet_trunk(arch="resnet50", zero_init_residual=False):
 
 class Encoder(nn.Module):
     "ResNet trunk + optional (bottleneck +) identity classifier + MLP projection to an L2-normalised embedding."
-    def __init__(self, arch="resnet50", num_classes=0, cls_dim=256, proj_dim=128, proj_hidden=None,
-                 zero_init_residual=False):
+    def __init__(self,
+                 arch="resnet50",           # torchvision ResNet: resnet18/34/50/101/152 (weights=None)
+                 num_classes=0,             # identity classifier outputs (0: no classifier)
+                 cls_dim=256,               # bottleneck Linear+BN+ReLU before the classifier (0: none)
+                 proj_dim=128,              # embedding size of the MLP projection (0: no projection)
+                 proj_hidden=None,          # hidden size of the projection (None: feat_dim)
+                 zero_init_residual=False): # torchvision option: zero-init the last BN of each residual block
         super().__init__()
         self.arch, self.num_classes, self.proj_dim = arch, num_classes, proj_dim
         self.trunk = resnet_trunk(arch, zero_init_residual)
@@ -108,7 +113,7 @@ class Encoder(nn.Module):
         if not self.training: return F.normalize(feat, dim=1)
         return EncoderOutput(feat, self.project(feat), self.classify(feat))
 
-# %% ../nbs/02_models.ipynb #877b78b8
+# %% ../nbs/02_models.ipynb #8e16427b
 @torch.no_grad()
 def momentum_update_(target, source, m):
     "EMA `target <- m * target + (1 - m) * source` over the parameters of `target`, matched to `source` by name."
@@ -120,7 +125,7 @@ def momentum_update_(target, source, m):
     torch._foreach_mul_(ps_t, m)
     torch._foreach_add_(ps_t, ps_s, alpha=1 - m)
 
-# %% ../nbs/02_models.ipynb #c99a4d50
+# %% ../nbs/02_models.ipynb #a141b9d6
 @torch.no_grad()
 def enqueue_(queue, queue_labels, ptr, keys, labels):
     "Write `keys` [n, d] and `labels` [n] into the ring buffer `queue` [K, d] / `queue_labels` [K] at `ptr` (1-element long tensor), wrapping around."
@@ -131,7 +136,7 @@ def enqueue_(queue, queue_labels, ptr, keys, labels):
     queue_labels[idx] = labels.to(queue_labels.dtype)
     ptr.add_(n).remainder_(K)
 
-# %% ../nbs/02_models.ipynb #ac4b5fe8
+# %% ../nbs/02_models.ipynb #1e9bf8ac
 @torch.no_grad()
 def update_prototypes_loop_(prototypes, feats, labels, m):
     "Reference (LUPerson-NL / MoPro) update: sequential `p[y] = m p[y] + (1-m) f` per sample, then renormalise every row."
@@ -144,17 +149,17 @@ def update_prototypes_(prototypes, feats, labels, m):
     "Vectorised `update_prototypes_loop_`: same result (closed form per label), touches and renormalises only the batch's rows."
     if labels.numel() == 0: return
     labels, order = torch.sort(labels, stable=True)                 # stable: keeps batch order within a label
-    feats = feats[order].to(prototypes.dtype)
     uniq, inv, counts = torch.unique_consecutive(labels, return_inverse=True, return_counts=True)
-    pos = torch.arange(labels.numel(), device=labels.device) - (torch.cumsum(counts, 0) - counts)[inv]
-    m64 = torch.tensor(m, dtype=torch.float64, device=labels.device)
-    w = ((1 - m) * m64 ** (counts[inv] - 1 - pos)).to(prototypes.dtype)
-    acc = torch.zeros(len(uniq), prototypes.shape[1], dtype=prototypes.dtype, device=prototypes.device)
-    acc.index_add_(0, inv, feats * w[:, None])
-    decay = (m64 ** counts).to(prototypes.dtype)[:, None]
-    prototypes[uniq] = F.normalize(prototypes[uniq] * decay + acc, dim=1)
+    later = torch.cumsum(counts, 0)[inv] - 1 - torch.arange(labels.numel(), device=labels.device)  # = c - 1 - pos
+    def m_pow(e): return torch.pow(m, e.to(torch.float64)).to(prototypes.dtype)[:, None]  # float64 powers
+    feats = feats[order].to(prototypes.dtype)                        # a fresh tensor: safe to scale in place
+    feats.mul_((1 - m) * m_pow(later))
+    rows = prototypes[uniq]                                          # few, in-place steps: no big temporaries
+    rows.mul_(m_pow(counts)).index_add_(0, inv, feats)
+    rows.div_(rows.norm(dim=1, keepdim=True).clamp_min_(1e-12))      # = F.normalize
+    prototypes[uniq] = rows
 
-# %% ../nbs/02_models.ipynb #e345737f
+# %% ../nbs/02_models.ipynb #cf04a5c9
 @torch.no_grad()
 def correct_labels(cls_logits, proto_logits, labels, alpha=0.5, threshold=0.8):
     "Soft label `alpha*softmax(cls_logits) + (1-alpha)*softmax(proto_logits)`; where its max > threshold the label becomes its argmax. Returns (targets, corrected)."
@@ -163,7 +168,7 @@ def correct_labels(cls_logits, proto_logits, labels, alpha=0.5, threshold=0.8):
     corrected = score > threshold
     return torch.where(corrected, pseudo, labels), corrected
 
-# %% ../nbs/02_models.ipynb #f3f9fb9c
+# %% ../nbs/02_models.ipynb #24c19d10
 def instance_loss(q, k, queue, T, queue_labels=None, targets=None):
     "MoCo loss of queries `q` vs own keys `k` and the `queue`; label-guided when `queue_labels` and `targets` are given. Returns (loss, top-1 accuracy %)."
     l_pos = (q * k).sum(dim=1, keepdim=True)
@@ -178,7 +183,7 @@ def instance_loss(q, k, queue, T, queue_labels=None, targets=None):
         hit = pos.gather(1, logits.argmax(dim=1, keepdim=True)).squeeze(1)
     return loss, 100 * hit.float().mean()
 
-# %% ../nbs/02_models.ipynb #f39775ca
+# %% ../nbs/02_models.ipynb #bb56ce77
 ABLATIONS = {
     "pnl":             dict(use_cls=True,  use_proto=True,  use_instance=True,  use_correction=True,  use_label_guided=True),
     "ce":              dict(use_cls=True,  use_proto=False, use_instance=False, use_correction=False, use_label_guided=False),
@@ -190,10 +195,27 @@ ABLATIONS = {
 
 class PNL(nn.Module):
     "LUPerson-NL's PNL: query + momentum key encoder, labelled key queue, momentum prototypes, label correction, CE + prototype + (label-guided) instance losses."
-    def __init__(self, arch="resnet50", num_classes=0, dim=128, queue_size=65536, m=0.999, proto_m=0.999, T=0.07,
-                 alpha=0.5, threshold=0.8, cls_dim=256, proj_hidden=None, use_cls=True, use_proto=True,
-                 use_instance=True, use_correction=True, use_label_guided=True, shuffle_bn=True, num_splits=None,
-                 w_cls=1.0, w_proto=1.0, w_inst=1.0, zero_init_residual=False):
+    def __init__(self,
+                 arch="resnet50",         # torchvision ResNet: resnet18/34/50/101/152 (random init)
+                 num_classes=0,           # number of (noisy) identities: classifier outputs and prototypes
+                 dim=128,                 # embedding size of the projection head, queue and prototypes
+                 queue_size=65536,        # number of keys (with labels) in the queue
+                 m=0.999,                 # momentum of the key encoder
+                 proto_m=0.999,           # momentum of the prototypes
+                 T=0.07,                  # temperature of the instance and the prototype logits
+                 alpha=0.5,               # weight of the classifier in the soft label (1 - alpha: prototypes)
+                 threshold=0.8,           # a label is replaced where the soft label's max exceeds this
+                 cls_dim=256,             # bottleneck before the classifier (0: classifier on the pooled feature)
+                 proj_hidden=None,        # hidden size of the projection MLP (None: the trunk's feature size)
+                 use_cls=True,            # ablation switch: cross-entropy of the classifier
+                 use_proto=True,          # ablation switch: prototype contrastive loss
+                 use_instance=True,       # ablation switch: instance contrastive loss (key encoder + queue)
+                 use_correction=True,     # ablation switch: label correction (needs use_cls)
+                 use_label_guided=True,   # ablation switch: label-guided positives in the instance loss
+                 shuffle_bn=True,         # shuffle-BN for the keys (cross-rank under DDP, per-chunk on one process)
+                 num_splits=None,         # BN chunks per process for the keys (None: 8 on one process, 1 under DDP)
+                 w_cls=1.0, w_proto=1.0, w_inst=1.0,  # loss weights
+                 zero_init_residual=False):  # zero-init the last BN of each residual block (torchvision option)
         super().__init__()
         if not (use_cls or use_proto or use_instance): raise ValueError("PNL: all losses are switched off")
         if use_label_guided and not use_instance: raise ValueError("PNL: use_label_guided needs use_instance")
@@ -251,7 +273,14 @@ class PNL(nn.Module):
         k = torch.cat([self.encoder_k.embed(c) for c in im.chunk(splits)])
         return batch_unshuffle_ddp(k, idx_unshuffle)
 
-    def forward(self, im_q, im_k=None, labels=None, index=None, proto=True, correct=False, label_guided=False):
+    def forward(self,
+                im_q,                # query view [N, 3, H, W] (eval mode: the images to embed)
+                im_k=None,           # key view of the same crops (needed with the instance loss)
+                labels=None,         # (noisy) identity labels [N], long; optional for the "moco" preset
+                index=None,          # dataset indices [N]: when given, gathered `all_*` entries are returned
+                proto=True,          # schedule: prototype loss on (reference: from epoch 1)
+                correct=False,       # schedule: label correction on (reference: from epoch 11)
+                label_guided=False): # schedule: label-guided instance loss on (reference: from epoch 15)
         """Eval mode: normalised pooled features of `im_q`. Train mode: one PNL step on query/key views `im_q`, `im_k`
         with (noisy) `labels`; returns a dict of losses (`loss` carries the gradient) and stats (see the docs)."""
         if not self.training: return self.encoder_q(im_q)
@@ -294,7 +323,7 @@ class PNL(nn.Module):
             if labels is not None: res.update(all_targets=all_targets, all_corrected=concat_all_gather(corrected))
         return res
 
-# %% ../nbs/02_models.ipynb #2db4e076
+# %% ../nbs/02_models.ipynb #1b4d173a
 _TRUNK_TOP = ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4")
 _NOT_TRUNK = ("encoder_k", "queue", "queue_labels", "queue_ptr", "queue_id", "prototypes", "fc", "fc1", "fc2",
               "embed_fc", "classifier", "bottleneck", "proj")
@@ -348,7 +377,7 @@ def _trunk_key(key):
     if key.startswith("trunk."): key = key[len("trunk."):]
     return None if key.split(".")[0] in _NOT_TRUNK else key
 
-# %% ../nbs/02_models.ipynb #0dce1d32
+# %% ../nbs/02_models.ipynb #bf08842a
 def load_pretrained(model, path_or_state, strict_arch=True, verbose=True):
     "Load the ResNet trunk of a LUPerson / LUPerson-NL / lupnl checkpoint into `model` (PNL, Encoder, torchvision ResNet or DDP of them); returns a `LoadReport`."
     state, name = _read_state(path_or_state)

@@ -8,19 +8,25 @@ __all__ = ['LOSS_KEYS', 'PretrainConfig', 'config_parser', 'parse_config', 'conf
            'load_checkpoint', 'resolve_device', 'setup_distributed', 'teardown_distributed', 'seed_everything',
            'label_quality', 'build_model', 'train', 'main', 'torchrun_command', 'launch']
 
-# %% ../nbs/03_pretrain.ipynb #5ad36a65
-import argparse, json, math, os, random, subprocess, sys, tempfile, time
-from dataclasses import dataclass, asdict, fields
+# %% ../nbs/03_pretrain.ipynb #b281d90d
+import argparse, json, math, os, random, subprocess, sys, time
+from dataclasses import dataclass, asdict, fields, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
+import matplotlib.pyplot as plt
 from fastcore.imports import IN_NOTEBOOK
 from tqdm.auto import tqdm
-import matplotlib.pyplot as plt
 
-# %% ../nbs/03_pretrain.ipynb #df6d791a
+from .data import (toy_dataset, LMDBDataset, TwoViewTransform, reid_train_transform, pretrain_strong_transform,
+                        DistributedShuffleSampler)
+from .inspect import compare_labelings
+from .models import PNL, export_backbone
+from .evaluate import evaluate
+
+# %% ../nbs/03_pretrain.ipynb #4a39f5d9
 def _int_tuple(value):
     "`(40, 80)` from `(40, 80)`, `[40, 80]`, `40`, `'40,80'` or `'256x128'`; `()` from `''`."
     if isinstance(value, str):
@@ -73,7 +79,7 @@ class PretrainConfig:
         if len(self.img_size) != 2: raise ValueError(f"img_size must be (height, width), not {self.img_size!r}")
         if self.epochs < 1 or self.batch_size < 2: raise ValueError(f"need epochs >= 1 and batch_size >= 2, got {self.epochs} and {self.batch_size}")
 
-# %% ../nbs/03_pretrain.ipynb #0f08ebab
+# %% ../nbs/03_pretrain.ipynb #a5e21cf5
 def _str2bool(value):
     if isinstance(value, bool): return value
     if value.lower() in ("1", "true", "yes", "on"): return True
@@ -106,7 +112,7 @@ def config_args(cfg):
         args += [f"--{f.name}", "none" if value is None else str(value)]
     return args
 
-# %% ../nbs/03_pretrain.ipynb #b05222f3
+# %% ../nbs/03_pretrain.ipynb #89f30a8c
 def learning_rate(cfg, epoch):
     "The learning rate at fractional `epoch` (epoch + step/steps_per_epoch): linear warm-up, then step or cosine."
     if epoch < cfg.warmup_epochs: return cfg.lr * epoch / cfg.warmup_epochs
@@ -115,7 +121,7 @@ def learning_rate(cfg, epoch):
         return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(done, 1.0)))
     return cfg.lr * 0.1 ** sum(epoch >= s for s in cfg.lr_steps)
 
-# %% ../nbs/03_pretrain.ipynb #18c5287c
+# %% ../nbs/03_pretrain.ipynb #a0d3397d
 class LARS(torch.optim.Optimizer):
     "SGD with momentum and layer-wise adaptive rate scaling (You et al. 2017); 1-d parameters (biases, norms) get plain SGD without weight decay."
     def __init__(self, params, lr=0.1, momentum=0.9, weight_decay=0.0, trust=0.001):
@@ -147,7 +153,7 @@ def build_optimizer(cfg, model):
     if cfg.optimizer == "lars": return LARS(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
-# %% ../nbs/03_pretrain.ipynb #3908d299
+# %% ../nbs/03_pretrain.ipynb #640135d7
 def append_metrics(out_dir, row):
     "Append `row` (a dict) as one JSON line to `out_dir/metrics.jsonl`."
     with open(Path(out_dir) / "metrics.jsonl", "a") as f:
@@ -169,7 +175,7 @@ def truncate_metrics(out_dir, epoch):
     tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
     os.replace(tmp, path)
 
-# %% ../nbs/03_pretrain.ipynb #2312455e
+# %% ../nbs/03_pretrain.ipynb #3bb2fc14
 def plot_metrics(out_dir):
     "A figure of the metrics in `out_dir/metrics.jsonl`: losses, accuracies, label quality, retrieval mAP / rank-1, lr."
     rows = read_metrics(out_dir)
@@ -189,7 +195,7 @@ def plot_metrics(out_dir):
     fig.tight_layout()
     return fig
 
-# %% ../nbs/03_pretrain.ipynb #63f673f9
+# %% ../nbs/03_pretrain.ipynb #ce5e3519
 def save_checkpoint(state, path):
     "`torch.save` `state` to `path` atomically: write a temporary file in the same folder, then `os.replace`."
     path = Path(path)
@@ -204,7 +210,7 @@ def load_checkpoint(path, map_location="cpu"):
     try: return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e: raise RuntimeError(f"cannot read checkpoint {path}: {e}") from e
 
-# %% ../nbs/03_pretrain.ipynb #64f20ce8
+# %% ../nbs/03_pretrain.ipynb #650c5dcf
 def resolve_device(device="auto"):
     "`torch.device` for `device`: 'auto' means CUDA if available, else CPU."
     if device == "auto": device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -231,39 +237,16 @@ def seed_everything(seed):
     "Seed Python, NumPy and torch (all devices)."
     random.seed(seed); np.random.seed(seed % 2**32); torch.manual_seed(seed)
 
-# %% ../nbs/03_pretrain.ipynb #ef287a91
-def _owners(labels, true):
-    "Owner (majority non-junk true identity) of each label value 0..max, -1 for labels with no non-junk image."
-    labels, true = np.asarray(labels), np.asarray(true)
-    ok = true >= 0
-    owner = np.full(labels.max() + 1, -1, np.int64)
-    pairs, counts = np.unique(np.stack([labels[ok], true[ok]], 1), axis=0, return_counts=True)
-    order = np.lexsort((pairs[:, 1], -counts, pairs[:, 0]))  # per label: most images first, ties -> smallest id
-    first = order[np.r_[True, pairs[order, 0][1:] != pairs[order, 0][:-1]]]
-    owner[pairs[first, 0]] = pairs[first, 1]
-    return owner
-
+# %% ../nbs/03_pretrain.ipynb #04b2b74b
 def label_quality(noisy, current, true=None):
     "Fraction of labels `corrected`; with true identities (-1 junk) also `purity_before`, `purity`, `precision` and `recall` of the corrections."
     noisy, current = np.asarray(noisy), np.asarray(current)
-    changed = current != noisy
-    res = dict(corrected=float(changed.mean()))
+    res = dict(corrected=float((current != noisy).mean()))
     if true is None: return res
-    true = np.asarray(true)
-    owner, ok = _owners(noisy, true), true >= 0
-    wrong_before, right_after = owner[noisy] != true, owner[current] == true
-    fixed = changed & ok
-    res.update(purity_before=measure_noise(noisy, true)["purity"], purity=measure_noise(current, true)["purity"],
-               precision=float(right_after[fixed].mean()) if fixed.any() else float("nan"),
-               recall=float(right_after[wrong_before & ok].mean()) if (wrong_before & ok).any() else float("nan"))
-    return res
+    c = compare_labelings(true, noisy, current)
+    return dict(res, purity_before=c["purity_before"], purity=c["purity_after"], precision=c["precision"], recall=c["recall"])
 
-# %% ../nbs/03_pretrain.ipynb #2d64a211
-from .data import (toy_dataset, LMDBDataset, TwoViewTransform, reid_train_transform, pretrain_strong_transform,
-                        DistributedShuffleSampler, measure_noise)
-from .models import PNL, ABLATIONS, export_backbone
-from .evaluate import evaluate
-
+# %% ../nbs/03_pretrain.ipynb #18354770
 LOSS_KEYS = ("loss", "loss_cls", "loss_proto", "loss_inst", "acc_inst", "acc_cls")
 
 def build_model(cfg, num_classes):
@@ -291,7 +274,7 @@ def _checkpoint_to_resume(cfg):
     if not Path(cfg.resume).is_file(): raise FileNotFoundError(f"resume={cfg.resume!r}: no such checkpoint file")
     return Path(cfg.resume)
 
-# %% ../nbs/03_pretrain.ipynb #dcd56247
+# %% ../nbs/03_pretrain.ipynb #1e2fb375
 def train(cfg):
     "Pre-train as `cfg` says, in one process or under torchrun (DDP); returns the metrics rows (rank 0; `[]` elsewhere)."
     rank, world_size, device = setup_distributed(cfg.device)
@@ -382,7 +365,7 @@ def train(cfg):
     finally:
         teardown_distributed()
 
-# %% ../nbs/03_pretrain.ipynb #4d99ca0d
+# %% ../nbs/03_pretrain.ipynb #bbc34807
 def main(argv=None):
     "Entry point of `python -m lupnl.pretrain` / `torchrun -m lupnl.pretrain`: flags -> `PretrainConfig` -> `train`."
     train(parse_config(argv))
@@ -398,6 +381,6 @@ def launch(cfg, nproc):
     print(" ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
 
-# %% ../nbs/03_pretrain.ipynb #f036cf10
+# %% ../nbs/03_pretrain.ipynb #cd480cd0
 #| eval: false
 if __name__ == "__main__" and not IN_NOTEBOOK: main()

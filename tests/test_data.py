@@ -11,7 +11,8 @@ from torch.utils.data import DataLoader
 
 from lupnl.data import *
 
-SMALL = dict(n_ids=60, imgs_per_id=(8, 14), n_bench_ids=12, n_distractors=4, n_bench_junk=2)
+SMALL = dict(n_ids=60, imgs_per_id=(8, 14), n_bench_ids=6, n_distractors=2, n_bench_junk=2)  # for noise rates
+TINY = dict(n_ids=16, imgs_per_id=(6, 10), n_bench_ids=10, n_distractors=3, n_bench_junk=2)
 
 
 def _png(a):
@@ -22,7 +23,7 @@ def _png(a):
 
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
-    return make_toy_dataset(tmp_path_factory.mktemp("toy"), **SMALL)
+    return make_toy_dataset(tmp_path_factory.mktemp("toy"), **TINY)
 
 
 @pytest.fixture()
@@ -162,10 +163,10 @@ def test_error_not_a_pickle(tmp_path):
 def test_dataloader_two_workers_lazy_open(toy):
     ds = LMDBDataset(toy.lmdb, reid_test_transform((64, 32)), return_index=True)
     ds.image(0)  # the main process holds a handle; forked workers must open their own
-    dl = DataLoader(ds, batch_size=64, num_workers=2, sampler=PKSampler(ds.targets, 8, 8))
+    dl = DataLoader(ds, batch_size=16, num_workers=2, sampler=PKSampler(ds.targets, 4, 4))
     n = 0
     for x, y, idx in dl:
-        assert x.shape == (64, 3, 64, 32) and x.dtype == torch.float32
+        assert x.shape == (16, 3, 64, 32) and x.dtype == torch.float32
         assert (ds.targets[idx.numpy()] == y.numpy()).all()
         n += len(y)
     assert n == len(dl.sampler)
@@ -274,7 +275,7 @@ def test_subsets():
 # ---------------------------------------------------------------- toy dataset and noise
 
 @pytest.mark.parametrize("rates", [dict(split=0.3, merge=0.1, flip=0.02, junk=0.05),
-                                   dict(split=0.5, merge=0.2, flip=0.08, junk=0.1)])
+                                   dict(split=0.2, merge=0.2, flip=0.08, junk=0.1)])
 def test_toy_noise_rates_measured(tmp_path, rates):
     t = make_toy_dataset(tmp_path, **SMALL, **rates)
     ds = LMDBDataset(t.lmdb)
@@ -285,7 +286,7 @@ def test_toy_noise_rates_measured(tmp_path, rates):
 
 def test_simulate_noise_settings():
     true_ids = np.repeat(np.arange(500), np.arange(500) % 10 + 6)
-    for rates in (dict(split=0.2, merge=0.05, flip=0.1, junk=0.02), dict(split=0.6, merge=0.3, flip=0.0, junk=0.2)):
+    for rates in (dict(split=0.2, merge=0.05, flip=0.1, junk=0.02), dict(split=0.4, merge=0.15, flip=0.0, junk=0.2)):
         noisy, true = simulate_noise(true_ids, seed=7, **rates)
         r = measure_noise(noisy, true)
         for k, v in rates.items(): assert abs(r[k] - v) <= 0.02, (k, r[k], v)
@@ -296,7 +297,7 @@ def test_simulate_noise_settings():
 
 
 def test_toy_determinism_and_layout(toy, tmp_path):
-    again = make_toy_dataset(tmp_path / "again", **SMALL)
+    again = make_toy_dataset(tmp_path / "again", **TINY)
     assert (again.lmdb / "data.mdb").read_bytes() == (toy.lmdb / "data.mdb").read_bytes()
     assert (again.lmdb / "keys.pkl").read_bytes() == (toy.lmdb / "keys.pkl").read_bytes()
     b = read_market1501(toy.bench)
@@ -304,18 +305,18 @@ def test_toy_determinism_and_layout(toy, tmp_path):
     assert {i.pid for i in b.query} <= {i.pid for i in b.gallery} and 0 in {i.pid for i in b.gallery}
     assert len({i.camid for i in b.gallery}) > 2
     assert Image.open(b.train[0].path).size == (64, 128)
-    other = make_toy_dataset(tmp_path / "other", **{**SMALL, "seed": 1})
+    other = make_toy_dataset(tmp_path / "other", **{**TINY, "seed": 1})
     assert (other.lmdb / "data.mdb").read_bytes() != (toy.lmdb / "data.mdb").read_bytes()
 
 
 def test_toy_dataset_get_or_create(tmp_path, monkeypatch):
     monkeypatch.setenv("LUPNL_DATA", str(tmp_path))
-    a = toy_dataset(progress=False, **SMALL)
+    a = toy_dataset(progress=False, **TINY)
     assert a.root == tmp_path / "toy"
     stamp = (a.lmdb / "data.mdb").stat().st_mtime_ns
-    assert toy_dataset(progress=False, **SMALL).root == a.root and (a.lmdb / "data.mdb").stat().st_mtime_ns == stamp
+    assert toy_dataset(progress=False, **TINY).root == a.root and (a.lmdb / "data.mdb").stat().st_mtime_ns == stamp
     (a.lmdb / "keys.pkl").unlink()  # damaged: regenerated
-    toy_dataset(progress=False, **SMALL)
+    toy_dataset(progress=False, **TINY)
     assert (a.lmdb / "keys.pkl").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dirs left
 

@@ -1,0 +1,245 @@
+"""Tests of lupnl.finetune that a notebook cannot hold: BoT / MGN on BasicBlock and Bottleneck trunks, the losses
+against brute force, P×K batches inside the real loop, initialisation from files, exact resume, the command line,
+a real-data (CUHK03) smoke run and `papermill nbs/04_finetune.ipynb` end to end."""
+import ast
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, fields
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+
+import lupnl.finetune as ft
+from lupnl.finetune import (BoT, MGN, FinetuneConfig, batch_hard_triplet, build_loaders, build_model,
+                            label_smoothed_ce, load_benchmark, parse_config, train)
+from lupnl.models import export_backbone, resnet_trunk
+
+REPO = Path(__file__).resolve().parents[1]
+NB = REPO / "nbs" / "04_finetune.ipynb"
+# tiny runs on the built-in benchmark: 25 identities, 64x32 crops
+TINY = dict(id_ratio=0.5, P=4, K=4, img_size=(64, 32), eval_every=0, workers=0)
+
+
+# ---------------------------------------------------------------- heads
+
+@pytest.mark.parametrize("arch,channels", [("resnet18", 512), ("resnet50", 2048)])
+@pytest.mark.parametrize("head", ["bot", "mgn"])
+def test_head_shapes_and_gradients(head, arch, channels):
+    model, report = build_model(FinetuneConfig(model=head, arch=arch), num_classes=7)
+    assert report is None
+    x, y = torch.randn(4, 3, 64, 32), torch.tensor([0, 0, 1, 1])
+    out = model.train()(x)
+    if head == "bot":
+        assert [l.shape for l in out["logits"]] == [(4, 7)]
+        assert [f.shape for f in out["feats"]] == [(4, channels)]           # triplet on the pre-BN GAP feature
+        eval_dim = channels                                                 # retrieval on the post-BN feature
+    else:
+        assert [l.shape for l in out["logits"]] == [(4, 7)] * 8            # CE on all 8 reduced features
+        assert [f.shape for f in out["feats"]] == [(4, 256)] * 3           # triplet on the 3 global ones
+        eval_dim = 8 * 256
+    loss, ce, tri = ft.reid_losses(out, y, FinetuneConfig())
+    loss.backward()
+    assert math.isfinite(loss.item()) and ce.item() > 0
+    no_grad = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert no_grad == []                                                    # every trainable weight is in the graph
+    assert model.eval()(x[:2]).shape == (2, eval_dim)
+
+
+def test_strides():
+    "BoT: conv5 stride 1 doubles the map; MGN: global branch stride 2, part branches stride 1 (Bottleneck: conv2)."
+    bot = BoT(resnet_trunk("resnet50"), 5)
+    assert bot.backbone.layer4[0].conv2.stride == (1, 1) and bot.backbone.layer4[0].downsample[0].stride == (1, 1)
+    mgn = MGN(resnet_trunk("resnet50"), 5)
+    strides = [b[1][0].conv2.stride for b in mgn.branches]
+    assert strides == [(2, 2), (1, 1), (1, 1)]
+    x = torch.randn(1, 1024, 8, 4)
+    assert [tuple(b[1](x).shape[2:]) for b in mgn.branches] == [(4, 2), (8, 4), (8, 4)]
+    ids = {id(m) for b in mgn.branches for m in b.modules() if isinstance(m, torch.nn.Conv2d)}
+    assert len(ids) == 3 * sum(isinstance(m, torch.nn.Conv2d) for m in mgn.branches[0].modules())  # no shared weights
+
+
+# ---------------------------------------------------------------- losses
+
+def brute_force_triplet(feats, labels, margin):
+    "Mean over anchors of the hinge (or softplus) of the farthest positive minus the nearest negative, pair by pair."
+    n, losses = len(labels), []
+    for a in range(n):
+        pos = [torch.linalg.vector_norm(feats[a] - feats[p]) for p in range(n) if labels[p] == labels[a] and p != a]
+        neg = [torch.linalg.vector_norm(feats[a] - feats[q]) for q in range(n) if labels[q] != labels[a]]
+        gap = torch.stack(pos).max() - torch.stack(neg).min()
+        losses.append(F.relu(gap + margin) if margin > 0 else F.softplus(gap))
+    return torch.stack(losses).mean()
+
+
+@pytest.mark.parametrize("margin", [0.3, 1.2, 0.0])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_batch_hard_triplet_matches_brute_force(margin, seed):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2, 3, 3, 3])[torch.randperm(12, generator=g)]   # unequal K
+    feats = (torch.randn(12, 16, generator=g) * 0.3).requires_grad_()
+    fast = batch_hard_triplet(feats, labels, margin)
+    g_fast, = torch.autograd.grad(fast, feats)
+    slow = brute_force_triplet(feats, labels, margin)
+    g_slow, = torch.autograd.grad(slow, feats)
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g_fast, g_slow, rtol=1e-4, atol=1e-6)
+
+
+def test_triplet_is_zero_when_separated():
+    feats = torch.tensor([[0.0], [0.1], [10.0], [10.1]])
+    assert batch_hard_triplet(feats, torch.tensor([0, 0, 1, 1]), 0.3).item() == 0.0
+    assert batch_hard_triplet(feats, torch.tensor([0, 1, 0, 1]), 0.3).item() > 9
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.1, 0.5])
+def test_label_smoothed_ce_formula(eps):
+    g = torch.Generator().manual_seed(0)
+    logits, labels = torch.randn(16, 9, generator=g) * 3, torch.randint(0, 9, (16,), generator=g)
+    logp = logits.log_softmax(1)
+    n = logits.shape[1]
+    expected = sum(-(1 - eps) * logp[i, labels[i]] - eps / n * logp[i].sum() for i in range(16)) / 16
+    torch.testing.assert_close(label_smoothed_ce(logits, labels, eps), expected, rtol=1e-5, atol=1e-6)
+    assert label_smoothed_ce(logits.half(), labels, eps).dtype == torch.float32                   # AMP-safe
+
+
+# ---------------------------------------------------------------- data in the loop
+
+def test_pk_batches_in_training_loop(tmp_path, monkeypatch):
+    "Every batch the loop trains on holds P identities x K images."
+    seen, reid_losses = [], ft.reid_losses
+    def recording(out, labels, cfg):
+        seen.append(sorted(torch.bincount(labels)[torch.bincount(labels) > 0].tolist()))
+        return reid_losses(out, labels, cfg)
+    monkeypatch.setattr(ft, "reid_losses", recording)
+    cfg = FinetuneConfig(**{**TINY, "P": 5, "K": 3}, epochs=1, out_dir=str(tmp_path), resume="never")
+    _, rows = train(cfg)
+    train_dl = build_loaders(cfg, load_benchmark(cfg))[0]
+    assert len(seen) == len(train_dl) >= 3
+    assert all(s == [3] * 5 for s in seen)
+    assert "mAP" in rows[-1] and "rank1" in rows[-1]
+
+
+# ---------------------------------------------------------------- initialisation
+
+def test_init_from_files(tmp_path):
+    torch.save(export_backbone(resnet_trunk("resnet18")), tmp_path / "backbone.pth")        # lupnl backbone.pth
+    torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "torchvision.pth")    # torchvision, with fc
+    src = resnet_trunk("resnet18")
+    moco = {"state_dict": {f"module.encoder_q.{k}": v for k, v in src.state_dict().items()}}  # LUPerson (MoCo) layout
+    moco["state_dict"]["module.encoder_k.conv1.weight"] = torch.zeros(1)
+    torch.save(moco, tmp_path / "lup_moco.pth")
+    for name in ("backbone.pth", "torchvision.pth", "lup_moco.pth"):
+        for head in ("bot", "mgn"):
+            model, report = build_model(FinetuneConfig(model=head, init=str(tmp_path / name)), num_classes=3)
+            assert report.missing == [] and report.unexpected == [] and report.mismatched == []
+            assert len(report.loaded) == len([k for k in src.state_dict()])
+    model, _ = build_model(FinetuneConfig(model="mgn", init=str(tmp_path / "lup_moco.pth")), 3)
+    assert torch.equal(model.stem[0].weight, src.conv1.weight)
+    for branch in model.branches:                                           # every branch copy starts pre-trained
+        assert torch.equal(branch[0][0].conv1.weight, src.layer3[1].conv1.weight)
+        assert torch.equal(branch[1][1].conv2.weight, src.layer4[1].conv2.weight)
+
+
+def test_init_wrong_arch_fails_clearly(tmp_path):
+    torch.save(export_backbone(resnet_trunk("resnet50")), tmp_path / "r50.pth")
+    with pytest.raises(ValueError, match="does not fit the resnet18 trunk"):
+        build_model(FinetuneConfig(arch="resnet18", init=str(tmp_path / "r50.pth")), 3)
+    with pytest.raises(FileNotFoundError, match="nowhere.pth"):
+        build_model(FinetuneConfig(init=str(tmp_path / "nowhere.pth")), 3)
+
+
+def test_init_imagenet_needs_a_local_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="never downloads"):
+        build_model(FinetuneConfig(init="imagenet"), 3)
+    (tmp_path / "checkpoints").mkdir()
+    torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "checkpoints" / "resnet18-f37072fd.pth")
+    _, report = build_model(FinetuneConfig(init="imagenet"), 3)
+    assert report.missing == [] and report.source.endswith("resnet18-f37072fd.pth")
+
+
+# ---------------------------------------------------------------- resume
+
+def test_resume_continues_and_replays_exactly(tmp_path):
+    a, b = tmp_path / "interrupted", tmp_path / "straight"
+    train(FinetuneConfig(**TINY, epochs=2, out_dir=str(a)))
+    ckpt = torch.load(a / "checkpoint.pth", weights_only=True)
+    assert ckpt["epoch"] == 2
+    model_a, rows_a = train(FinetuneConfig(**TINY, epochs=3, out_dir=str(a)))     # resume="auto": one more epoch
+    assert [r["epoch"] for r in rows_a] == [0, 1, 2]
+    log = (a / "log.txt").read_text()
+    assert "resumed from" in log and log.count("epoch=2 ") == 1 and log.count("epoch=0 ") == 1
+    model_b, rows_b = train(FinetuneConfig(**TINY, epochs=3, out_dir=str(b)))
+    for (k, va), vb in zip(model_a.state_dict().items(), model_b.state_dict().values()):
+        torch.testing.assert_close(va, vb, rtol=0, atol=0, msg=f"resumed != uninterrupted at {k}")
+    assert rows_a[-1]["mAP"] == rows_b[-1]["mAP"]
+    with pytest.raises(ValueError, match="different run"):
+        train(FinetuneConfig(**TINY, epochs=4, arch="resnet34", out_dir=str(a)))
+
+
+# ---------------------------------------------------------------- command line
+
+def test_command_line(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    base = [sys.executable, "-m", "lupnl.finetune", "--out_dir", str(tmp_path / "cli"), "--epochs", "1",
+            "--id-ratio", "0.2", "--P", "4", "--K", "2", "--img_size", "64x32"]
+    torch.save(export_backbone(resnet_trunk("resnet50")), tmp_path / "r50.pth")
+    bad = subprocess.run(base + ["--init", str(tmp_path / "r50.pth")], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert bad.returncode != 0 and "does not fit the resnet18 trunk" in bad.stderr
+    ok = subprocess.run(base + ["--model", "mgn"], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    rows = [json.loads(l) for l in (tmp_path / "cli" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 1 and "mAP" in rows[0]
+    assert parse_config(["--model", "mgn", "--img_size", "384x128"]).img_size == (384, 128)
+
+
+# ---------------------------------------------------------------- real data
+
+@pytest.mark.slow
+def test_cuhk03_smoke(shared_data, tmp_path):
+    "The real CUHK03 pair: 400 training identities, camera-A queries vs camera-B gallery; a tiny run end to end."
+    cfg = FinetuneConfig(data=str(shared_data / "cuhk03-labeled-pair1"), out_dir=str(tmp_path), epochs=1, id_ratio=0.05,
+                         P=8, K=4, img_size=(64, 32))
+    bench = load_benchmark(cfg)
+    assert len({i.pid for i in bench.train}) == 400
+    assert {i.camid for i in bench.query} == {0} and {i.camid for i in bench.gallery} == {1}
+    _, rows = train(cfg)
+    assert 0 < rows[-1]["mAP"] <= 100
+
+
+# ---------------------------------------------------------------- papermill
+
+def _parameters_cell(nb_path):
+    nb = json.loads(nb_path.read_text())
+    cells = [c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])]
+    assert len(cells) == 1, "exactly one papermill parameters cell"
+    return {t.id: ast.literal_eval(n.value) for n in ast.parse("".join(cells[0]["source"])).body
+            if isinstance(n, ast.Assign) for t in n.targets}
+
+
+def test_parameters_cell_is_the_config():
+    params = _parameters_cell(NB)
+    defaults = asdict(FinetuneConfig())
+    assert list(params) == [f.name for f in fields(FinetuneConfig)]
+    assert FinetuneConfig(**params) == FinetuneConfig() and len(params) == len(defaults)
+
+
+def test_papermill_defaults(tmp_path):
+    out_dir = tmp_path / "run"
+    t0 = time.time()
+    subprocess.run([sys.executable, "-m", "papermill", str(NB), str(tmp_path / "out.ipynb"), "-p", "out_dir", str(out_dir)],
+                   check=True, capture_output=True, cwd=REPO, env={**os.environ, "MPLBACKEND": "Agg"})
+    print(f"papermill 04_finetune with defaults: {time.time() - t0:.0f}s")
+    rows = [json.loads(l) for l in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    cfg = FinetuneConfig()
+    assert [r["epoch"] for r in rows] == list(range(cfg.epochs))
+    assert {"mAP", "rank1", "mINP"} <= set(rows[-1])
+    assert (out_dir / "checkpoint.pth").is_file() and (out_dir / "curves.png").is_file()
+    assert "init=random" in (out_dir / "log.txt").read_text()

@@ -1,0 +1,141 @@
+"""End-to-end tests of lupnl.pretrain: the papermill run with defaults, kill-and-resume, 2-process DDP on CPU (gloo)."""
+import json, math, os, signal, subprocess, sys, time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+from lupnl.data import LMDBDataset, toy_dataset, write_lmdb
+from lupnl.pretrain import read_metrics, load_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+# Every run of this file uses its own data folder, so the papermill run below generates the built-in data
+# (its time limit includes that). OMP_WAIT_POLICY=PASSIVE: OpenMP threads that spin-wait slow torch down
+# tenfold when the 2 cores are shared with other processes; it changes nothing on an idle machine.
+EXPECTED_KEYS = {"epoch", "lr", "loss", "loss_cls", "loss_proto", "loss_inst", "acc_inst", "acc_cls", "epoch_time",
+                 "corrected", "purity_before", "purity", "precision", "recall"}
+
+
+@pytest.fixture(scope="session")
+def data_home(tmp_path_factory):
+    "LUPNL_DATA for the runs of this file: a fresh folder (the first run generates the toy data in it)."
+    return tmp_path_factory.mktemp("lupnl_data")
+
+
+@pytest.fixture(scope="session")
+def env(data_home):
+    return dict(os.environ, LUPNL_DATA=str(data_home), OMP_WAIT_POLICY="PASSIVE", PYTHONUNBUFFERED="1",
+                MPLBACKEND="Agg")
+
+
+@pytest.fixture(scope="session")
+def tiny_lmdb(data_home, tmp_path_factory):
+    "The first 256 crops of the toy data as their own LUPerson-NL LMDB (noisy pids + true_pids): seconds per epoch."
+    toy = toy_dataset(data_home / "toy", progress=False)
+    ds = LMDBDataset(toy.lmdb)
+    n = 256
+    out = tmp_path_factory.mktemp("tiny") / "lmdb"
+    write_lmdb(out, ((ds.read_bytes(i), int(ds.labels[i])) for i in range(n)), progress=False,
+               extra={"true_pids": list(ds.meta["true_pids"][:n])})
+    return out
+
+
+def tiny_args(data, out_dir, epochs):
+    return ["--data", str(data), "--out_dir", str(out_dir), "--epochs", str(epochs), "--batch_size", "16",
+            "--img_size", "32,16", "--queue_size", "64", "--correct_start", "1", "--label_guided_start", "1",
+            "--eval_every", "0", "--lr_steps", ""]
+
+
+def check_backbone(path, arch="resnet18"):
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    net = getattr(torchvision.models, arch)(weights=None)
+    res = net.load_state_dict(state, strict=False)
+    assert set(res.missing_keys) == {"fc.weight", "fc.bias"} and not res.unexpected_keys
+
+
+def test_papermill_defaults(tmp_path, env):
+    "The README's main command: papermill with default parameters, built-in data generated from scratch, <= 5 min."
+    out = tmp_path / "run"
+    t0 = time.time()
+    subprocess.run([sys.executable, "-m", "papermill", "nbs/03_pretrain.ipynb", str(tmp_path / "out.ipynb"),
+                    "-p", "out_dir", str(out), "--log-level", "WARNING"], cwd=REPO, env=env, check=True)
+    minutes = (time.time() - t0) / 60
+    print(f"papermill with defaults (including generating the toy data): {minutes:.2f} min")
+    assert minutes <= 5, f"papermill with defaults took {minutes:.2f} min (limit 5)"
+    assert (env["LUPNL_DATA"] and (Path(env["LUPNL_DATA"]) / "toy" / "toy.json").exists())
+    rows = read_metrics(out)
+    from lupnl.pretrain import PretrainConfig
+    cfg = PretrainConfig()
+    assert [r["epoch"] for r in rows] == list(range(cfg.epochs))
+    for r in rows:
+        assert EXPECTED_KEYS <= set(r), EXPECTED_KEYS - set(r)
+        assert all(math.isfinite(r[k]) for k in ("loss", "loss_cls", "loss_proto", "loss_inst"))
+    assert {"mAP", "rank1"} <= set(rows[-1]) and 0 < rows[-1]["mAP"] <= 1
+    ckpt = load_checkpoint(out / "checkpoint.pth")
+    assert ckpt["epoch"] == cfg.epochs and ckpt["config"]["out_dir"] == str(out)
+    check_backbone(out / "backbone.pth", cfg.arch)
+    assert (out / "metrics.png").stat().st_size > 0
+
+
+def test_kill_and_resume(tmp_path, env, tiny_lmdb):
+    "SIGKILL a run right after its first checkpoint; running it again resumes there and replays the uninterrupted run."
+    epochs = 5
+    cmd = [sys.executable, "-m", "lupnl.pretrain"]
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(cmd + tiny_args(tiny_lmdb, out, epochs), env=env, cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while not (out / "checkpoint.pth").exists():
+            assert proc.poll() is None, f"run ended (rc {proc.returncode}) before writing a checkpoint"
+            assert time.time() < deadline, "no checkpoint after 300 s"
+            time.sleep(0.05)
+    finally: proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    resumed_at = load_checkpoint(out / "checkpoint.pth")["epoch"]
+    assert 1 <= resumed_at < epochs, resumed_at
+    before = read_metrics(out)
+    assert not (out / "backbone.pth").exists()
+
+    res = subprocess.run(cmd + tiny_args(tiny_lmdb, out, epochs), env=env, cwd=tmp_path, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"resumed from {out / 'checkpoint.pth'} at epoch {resumed_at}" in res.stdout
+    rows = read_metrics(out)
+    assert [r["epoch"] for r in rows] == list(range(epochs))          # continues, no duplicate epochs
+    assert rows[:resumed_at] == [r for r in before if r["epoch"] < resumed_at]
+    assert load_checkpoint(out / "checkpoint.pth")["epoch"] == epochs
+    check_backbone(out / "backbone.pth")
+
+    # every epoch reseeds from (seed, epoch, rank): the resumed run replays an uninterrupted one
+    straight = tmp_path / "straight"
+    subprocess.run(cmd + tiny_args(tiny_lmdb, straight, epochs), env=env, cwd=tmp_path, check=True, capture_output=True)
+    ref = read_metrics(straight)
+    for a, b in zip(rows, ref):
+        for k in ("loss", "loss_cls", "loss_inst", "loss_proto", "corrected", "mAP"):
+            if k in b: assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), (a["epoch"], k, a[k], b[k])
+
+
+def test_ddp_two_processes_gloo(tmp_path, env, tiny_lmdb):
+    "torchrun with 2 CPU processes (gloo): completes; queue, prototypes, labels and weights agree across ranks; it learns."
+    out, epochs = tmp_path / "ddp", 4
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "lupnl.pretrain", *tiny_args(tiny_lmdb, out, epochs), "--dump_state", "true"]
+    res = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    s0, s1 = (torch.load(out / f"state_rank{r}.pth", weights_only=True) for r in (0, 1))
+    m0, m1 = s0["model"], s1["model"]
+    for k in ("queue", "queue_labels", "queue_ptr", "prototypes"):
+        assert torch.equal(m0[k], m1[k]), f"{k} differs across ranks"
+    assert int(m0["queue_ptr"]) == (epochs * (256 // 16) * 16) % 64    # both ranks' keys were enqueued
+    assert (m0["queue_labels"] >= 0).all() and m0["prototypes"].norm(dim=1).gt(0).any()
+    assert torch.equal(s0["labels"], s1["labels"])
+    params = [k for k in m0 if "encoder_q" in k and "running" not in k and "num_batches" not in k]
+    assert params and all(torch.equal(m0[k], m1[k]) for k in params), "query-encoder weights differ across ranks"
+    rows = read_metrics(out)
+    assert [r["epoch"] for r in rows] == list(range(epochs))           # written once per epoch: by rank 0 only
+    assert res.stdout.count(f"epoch={epochs - 1} ") == 1
+    assert rows[-1]["loss_cls"] < rows[0]["loss_cls"] and rows[-1]["acc_cls"] > rows[0]["acc_cls"]
+    check_backbone(out / "backbone.pth")
