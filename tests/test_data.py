@@ -176,9 +176,11 @@ def test_dataloader_worker_error_is_ours(small_lmdb):
     root, _ = small_lmdb
     info = load_keys(root)
     pickle.dump({"keys": info["keys"] + ["000000777"], "pids": info["pids"] + [1]}, open(root / "keys.pkl", "wb"))
-    dl = DataLoader(LMDBDataset(root), batch_size=6, num_workers=2, collate_fn=lambda b: b)
-    with pytest.raises(MissingKeyError, match="key '000000777' \\(item 5\\) is not in the LMDB"):
-        next(iter(dl))
+    it = iter(DataLoader(LMDBDataset(root), batch_size=6, num_workers=2, collate_fn=lambda b: b))
+    with pytest.raises(MissingKeyError) as e:
+        next(it)
+    assert str(e.value).startswith(f"key '000000777' (item 5) is not in the LMDB {root}\n[in DataLoader worker process")
+    del it, e  # shut the workers down now
 
 
 def test_two_view_transform(small_lmdb):
