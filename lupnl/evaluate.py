@@ -6,7 +6,7 @@
 __all__ = ['METRICS', 'extract_features', 'compute_distance', 'RankResult', 'evaluate_rank', 'evaluate_features', 're_ranking',
            'average_query_expansion', 'plot_retrieval', 'evaluate', 'OnnxModel']
 
-# %% ../nbs/05_evaluate.ipynb #8e0f1926
+# %% ../nbs/05_evaluate.ipynb #79a6ae3a
 import math
 from collections import namedtuple
 from pathlib import Path
@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from .data import ImageDataset, read_benchmark, reid_test_transform
 
-# %% ../nbs/05_evaluate.ipynb #cb4e334f
+# %% ../nbs/05_evaluate.ipynb #07b7d6c0
 def _model_device(model):
     "The device of the model's first parameter or buffer (CPU for a parameter-free module)."
     for t in list(model.parameters()) + list(model.buffers()): return t.device
@@ -60,8 +60,12 @@ def extract_features(model, loader, device=None, flip=False, normalize=True, amp
     if not feats: raise ValueError("extract_features got an empty loader")
     return torch.cat(feats), torch.cat(pids).long(), torch.cat(camids).long()
 
-# %% ../nbs/05_evaluate.ipynb #90b83349
+# %% ../nbs/05_evaluate.ipynb #14d0d2f7
 METRICS = ("cosine", "euclidean")
+
+def _default_chunk(G):
+    "Query rows per chunk: about 4M distances (16 MB), ~100 MB of ranking temporaries at worst."
+    return max(1, 2**22 // max(G, 1))
 
 def _gallery_distance(gf, metric):
     "A function `q -> [len(q), G]` distances to `gf` (the gallery's norms / normalisation computed once)."
@@ -86,19 +90,21 @@ def compute_distance(qf, gf, metric="cosine", chunk=None):
     "Query × gallery distances `[Q, G]` (float32): `cosine` = 1 - cosine similarity, `euclidean` = squared Euclidean."
     qf, gf = _check_features(qf, gf)
     dist = _gallery_distance(gf, metric)
-    chunk = chunk or max(1, 2**24 // max(len(gf), 1))
+    chunk = chunk or _default_chunk(len(gf))
     out = torch.empty(len(qf), len(gf), dtype=torch.float32, device=qf.device)
     for a in range(0, len(qf), chunk): out[a:a + chunk] = dist(qf[a:a + chunk])
     return out
 
-# %% ../nbs/05_evaluate.ipynb #f18533fe
+# %% ../nbs/05_evaluate.ipynb #2c932166
 def _f32_key(v):
-    "Integer keys in [0, 2**32) with the order of the float32 values `v` (-0.0 == 0.0; no NaN): uint64 for numpy, int64 for torch."
-    v = v + 0.0  # -0.0 -> 0.0
+    "Integer keys in [0, 2**32) with the order of the float32 values `v` (-0.0 == 0.0; no NaN): uint32 for numpy, int64 for torch."
     if isinstance(v, np.ndarray):
-        b = v.view(np.int32)
-        return (b ^ ((b >> 31) | np.int32(-2**31))).view(np.uint32).astype(np.uint64)
-    b = v.view(torch.int32).long()
+        b = (v + np.float32(0)).view(np.int32)  # -0.0 -> 0.0
+        t = b >> 31
+        t |= np.int32(-2**31)
+        b ^= t
+        return b.view(np.uint32)
+    b = (v + 0.0).view(torch.int32).long()
     return torch.where(b >= 0, b + 2**31, -b - 1)
 
 def _count_below(D, dmax, junk, s, use_numpy=None):
@@ -107,16 +113,22 @@ def _count_below(D, dmax, junk, s, use_numpy=None):
     Only the entries `<= dmax` of a row are looked at (every `s` of the row is `<= dmax`)."""
     c = D.shape[0]
     if use_numpy is None: use_numpy = D.device.type == "cpu"
-    if use_numpy:
+    if use_numpy:  # (in place where it can: the keys are the chunk's largest temporary)
         Dn, sn = D.numpy(), s.numpy()
         m = Dn <= dmax.numpy()[:, None]
         if junk is not None: m &= ~junk.numpy()
-        rows = np.repeat(np.arange(c, dtype=np.uint64), np.count_nonzero(m, axis=1))
-        if Dn.dtype == np.float32: vk, sk = _f32_key(Dn[m]), _f32_key(sn)
+        keys = np.repeat(np.arange(c, dtype=np.uint64) << np.uint64(32), np.count_nonzero(m, axis=1))
+        vals = Dn[m]
+        del m
+        if Dn.dtype == np.float32:
+            keys |= _f32_key(vals)
+            sk = _f32_key(sn)
         else:  # float64: the ranks of the values among the entries
-            u, inv = np.unique(Dn[m], return_inverse=True)
-            vk, sk = inv.astype(np.uint64), np.searchsorted(u, sn).astype(np.uint64)
-        keys = np.sort((rows << np.uint64(32)) | vk)
+            u, inv = np.unique(vals, return_inverse=True)
+            keys |= inv.astype(np.uint64)
+            sk = np.searchsorted(u, sn).astype(np.uint64)
+        del vals
+        keys.sort()
         tk = (np.arange(c, dtype=np.uint64)[:, None] << np.uint64(32)) | sk
         row0 = np.searchsorted(keys, np.arange(c, dtype=np.uint64) << np.uint64(32))[:, None]
         less = np.searchsorted(keys, tk) - row0
@@ -135,7 +147,7 @@ def _count_below(D, dmax, junk, s, use_numpy=None):
     less = torch.searchsorted(keys, tk) - row0
     return less, torch.searchsorted(keys, tk, right=True) - row0 - less
 
-# %% ../nbs/05_evaluate.ipynb #801b4c64
+# %% ../nbs/05_evaluate.ipynb #67ad9427
 class _Members:
     "For each query, the gallery indices that share its pid (ascending), from the gallery grouped by pid."
     def __init__(self, g_pids):
@@ -196,7 +208,7 @@ def _rank_true_matches(D, qp, qc, gp, gc, members, junk, use_numpy=None):
         negless[ti, tj] += cnt
     return npos, torch.where(ok, slot + negless, 0)
 
-# %% ../nbs/05_evaluate.ipynb #00e917bc
+# %% ../nbs/05_evaluate.ipynb #d190c8a6
 def _cuhk03_cmc(D, qp, qc, gp, gc, junk, max_rank, rs, repeats=10):
     "torchreid's single-gallery-shot CMC, query by query: `[c, max_rank]` (NaN rows for queries without a true match)."
     D, qp, qc, gp, gc = (x.detach().cpu().numpy() for x in (D, qp, qc, gp, gc))
@@ -219,7 +231,7 @@ def _cuhk03_cmc(D, qp, qc, gp, gc, junk, max_rank, rs, repeats=10):
         out[q] = (r[:, None] <= ranks).sum(0) / repeats
     return out
 
-# %% ../nbs/05_evaluate.ipynb #203bd85f
+# %% ../nbs/05_evaluate.ipynb #4616bfee
 class RankResult(namedtuple("RankResult", "cmc mAP mINP num_valid query_ap")):
     "Retrieval scores (fractions): `cmc[k-1]` = rank-k, `mAP`, `mINP`, `num_valid` queries, per-query AP (NaN: no true match)."
     __slots__ = ()
@@ -249,7 +261,7 @@ def _rank_rows(get_rows, Q, G, q_pids, g_pids, q_camids, g_camids, device, max_r
         return t
     qp, gp, qc, gc = labels(q_pids, Q, "q_pids"), labels(g_pids, G, "g_pids"), labels(q_camids, Q, "q_camids"), labels(g_camids, G, "g_camids")
     max_rank = min(max_rank, G)
-    chunk = chunk or max(1, 2**23 // max(G, 1))
+    chunk = chunk or _default_chunk(G)
     members, junk = _Members(gp), (None if junk_pid is None else gp == junk_pid)
     rs = np.random.RandomState(seed) if cuhk03 else None
     n_chunks = math.ceil(Q / chunk)
@@ -287,7 +299,7 @@ def evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=50, ap="
     return _rank_rows(lambda a, b: D[a:b], *D.shape, q_pids, g_pids, q_camids, g_camids, device, max_rank, ap,
                       cuhk03, junk_pid, seed, chunk, progress)
 
-# %% ../nbs/05_evaluate.ipynb #18b00f6c
+# %% ../nbs/05_evaluate.ipynb #bb4421b1
 def evaluate_features(qf, gf, q_pids, g_pids, q_camids, g_camids, metric="cosine", max_rank=50, ap="standard",
                       cuhk03=False, junk_pid=None, seed=0, chunk=None, progress=None):
     "`evaluate_rank` straight from query / gallery features: each chunk's distances are computed, ranked and dropped."
@@ -296,7 +308,7 @@ def evaluate_features(qf, gf, q_pids, g_pids, q_camids, g_camids, metric="cosine
     return _rank_rows(lambda a, b: dist(qf[a:b]), len(qf), len(gf), q_pids, g_pids, q_camids, g_camids, qf.device,
                       max_rank, ap, cuhk03, junk_pid, seed, chunk, progress)
 
-# %% ../nbs/05_evaluate.ipynb #0b7bb033
+# %% ../nbs/05_evaluate.ipynb #6d84dcee
 def _merge_rows(idx, val, N, add):
     "Per row: sort the column indices, merge duplicates (adding their values with `add`, else keeping one), pad with `N` / 0, trim."
     idx, o = torch.sort(idx, dim=1)
@@ -371,7 +383,7 @@ def re_ranking(q_g_dist, q_q_dist, g_g_dist, k1=20, k2=6, lambda_value=0.3, chun
     jaccard = 1 - inter / (2. - inter)
     return jaccard * (1 - lambda_value) + O[:Q, Q:] * lambda_value
 
-# %% ../nbs/05_evaluate.ipynb #80bfeb41
+# %% ../nbs/05_evaluate.ipynb #2e42800a
 def average_query_expansion(qf, gf, k=10, alpha=3.0, times=1, chunk=1024):
     "`(qf, gf)` after average query expansion over query + gallery features (fast-reid's `aqe`)."
     qf, gf = _check_features(qf, gf)
@@ -385,7 +397,7 @@ def average_query_expansion(qf, gf, k=10, alpha=3.0, times=1, chunk=1024):
         feats = out
     return feats[:len(qf)], feats[len(qf):]
 
-# %% ../nbs/05_evaluate.ipynb #8be89e0a
+# %% ../nbs/05_evaluate.ipynb #5174fce8
 def _load_thumb(path, size):
     from PIL import Image
     return np.asarray(Image.open(path).convert("RGB").resize((size[1], size[0])))
@@ -420,7 +432,7 @@ def plot_retrieval(query_items, gallery_items, distmat, q_idx, topk=10, size=(12
     fig.tight_layout()
     return fig
 
-# %% ../nbs/05_evaluate.ipynb #c45af973
+# %% ../nbs/05_evaluate.ipynb #ebcb802b
 def _as_loader(x, size, batch_size, num_workers, what):
     if isinstance(x, DataLoader): return x
     if isinstance(x, (list, tuple)) and len(x) and all(hasattr(i, "path") or isinstance(i, tuple) for i in x):
@@ -440,7 +452,7 @@ def evaluate(model, query, gallery=None, metric="cosine", flip=False, size=(256,
     gf, gp, gc = extract_features(model, _as_loader(gallery, size, batch_size, num_workers, "gallery"), desc="gallery", **kw)
     return evaluate_features(qf, gf, qp, gp, qc, gc, metric=metric, max_rank=max_rank, **rank_kwargs).as_dict(percent=True)
 
-# %% ../nbs/05_evaluate.ipynb #dfd94e4a
+# %% ../nbs/05_evaluate.ipynb #38f8cb5a
 class OnnxModel(nn.Module):
     "An ONNX feature extractor (run by onnxruntime) as a module: `[B, 3, H, W]` float images -> `[B, D]` features."
     def __init__(self, path, providers=("CPUExecutionProvider",)):

@@ -6,9 +6,9 @@
 __all__ = ['LOSS_KEYS', 'PretrainConfig', 'config_parser', 'parse_config', 'config_args', 'learning_rate', 'LARS',
            'build_optimizer', 'append_metrics', 'read_metrics', 'truncate_metrics', 'plot_metrics', 'save_checkpoint',
            'load_checkpoint', 'resolve_device', 'setup_distributed', 'teardown_distributed', 'seed_everything',
-           'label_quality', 'build_model', 'train', 'main', 'torchrun_command', 'launch']
+           'label_quality', 'build_model', 'weak_view', 'train', 'main', 'torchrun_command', 'launch']
 
-# %% ../nbs/03_pretrain.ipynb #b281d90d
+# %% ../nbs/03_pretrain.ipynb #9e4dd5d9
 import argparse, json, math, os, random, subprocess, sys, time
 from dataclasses import dataclass, asdict, fields, replace
 from pathlib import Path
@@ -26,7 +26,7 @@ from .inspect import compare_labelings
 from .models import PNL, export_backbone
 from .evaluate import evaluate
 
-# %% ../nbs/03_pretrain.ipynb #4a39f5d9
+# %% ../nbs/03_pretrain.ipynb #d7a60284
 def _int_tuple(value):
     "`(40, 80)` from `(40, 80)`, `[40, 80]`, `40`, `'40,80'` or `'256x128'`; `()` from `''`."
     if isinstance(value, str):
@@ -79,7 +79,7 @@ class PretrainConfig:
         if len(self.img_size) != 2: raise ValueError(f"img_size must be (height, width), not {self.img_size!r}")
         if self.epochs < 1 or self.batch_size < 2: raise ValueError(f"need epochs >= 1 and batch_size >= 2, got {self.epochs} and {self.batch_size}")
 
-# %% ../nbs/03_pretrain.ipynb #a5e21cf5
+# %% ../nbs/03_pretrain.ipynb #d4e2a895
 def _str2bool(value):
     if isinstance(value, bool): return value
     if value.lower() in ("1", "true", "yes", "on"): return True
@@ -112,7 +112,7 @@ def config_args(cfg):
         args += [f"--{f.name}", "none" if value is None else str(value)]
     return args
 
-# %% ../nbs/03_pretrain.ipynb #89f30a8c
+# %% ../nbs/03_pretrain.ipynb #6b9020fb
 def learning_rate(cfg, epoch):
     "The learning rate at fractional `epoch` (epoch + step/steps_per_epoch): linear warm-up, then step or cosine."
     if epoch < cfg.warmup_epochs: return cfg.lr * epoch / cfg.warmup_epochs
@@ -121,7 +121,7 @@ def learning_rate(cfg, epoch):
         return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(done, 1.0)))
     return cfg.lr * 0.1 ** sum(epoch >= s for s in cfg.lr_steps)
 
-# %% ../nbs/03_pretrain.ipynb #a0d3397d
+# %% ../nbs/03_pretrain.ipynb #fb17f354
 class LARS(torch.optim.Optimizer):
     "SGD with momentum and layer-wise adaptive rate scaling (You et al. 2017); 1-d parameters (biases, norms) get plain SGD without weight decay."
     def __init__(self, params, lr=0.1, momentum=0.9, weight_decay=0.0, trust=0.001):
@@ -153,7 +153,7 @@ def build_optimizer(cfg, model):
     if cfg.optimizer == "lars": return LARS(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
-# %% ../nbs/03_pretrain.ipynb #640135d7
+# %% ../nbs/03_pretrain.ipynb #6ee1f739
 def append_metrics(out_dir, row):
     "Append `row` (a dict) as one JSON line to `out_dir/metrics.jsonl`."
     with open(Path(out_dir) / "metrics.jsonl", "a") as f:
@@ -175,7 +175,7 @@ def truncate_metrics(out_dir, epoch):
     tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
     os.replace(tmp, path)
 
-# %% ../nbs/03_pretrain.ipynb #3bb2fc14
+# %% ../nbs/03_pretrain.ipynb #a84c9084
 def plot_metrics(out_dir):
     "A figure of the metrics in `out_dir/metrics.jsonl`: losses, accuracies, label quality, retrieval mAP / rank-1, lr."
     rows = read_metrics(out_dir)
@@ -195,7 +195,7 @@ def plot_metrics(out_dir):
     fig.tight_layout()
     return fig
 
-# %% ../nbs/03_pretrain.ipynb #ce5e3519
+# %% ../nbs/03_pretrain.ipynb #a53dd818
 def save_checkpoint(state, path):
     "`torch.save` `state` to `path` atomically: write a temporary file in the same folder, then `os.replace`."
     path = Path(path)
@@ -210,7 +210,7 @@ def load_checkpoint(path, map_location="cpu"):
     try: return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e: raise RuntimeError(f"cannot read checkpoint {path}: {e}") from e
 
-# %% ../nbs/03_pretrain.ipynb #650c5dcf
+# %% ../nbs/03_pretrain.ipynb #13c010b4
 def resolve_device(device="auto"):
     "`torch.device` for `device`: 'auto' means CUDA if available, else CPU."
     if device == "auto": device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -237,7 +237,7 @@ def seed_everything(seed):
     "Seed Python, NumPy and torch (all devices)."
     random.seed(seed); np.random.seed(seed % 2**32); torch.manual_seed(seed)
 
-# %% ../nbs/03_pretrain.ipynb #04b2b74b
+# %% ../nbs/03_pretrain.ipynb #01a21db0
 def label_quality(noisy, current, true=None):
     "Fraction of labels `corrected`; with true identities (-1 junk) also `purity_before`, `purity`, `precision` and `recall` of the corrections."
     noisy, current = np.asarray(noisy), np.asarray(current)
@@ -246,7 +246,7 @@ def label_quality(noisy, current, true=None):
     c = compare_labelings(true, noisy, current)
     return dict(res, purity_before=c["purity_before"], purity=c["purity_after"], precision=c["precision"], recall=c["recall"])
 
-# %% ../nbs/03_pretrain.ipynb #18354770
+# %% ../nbs/03_pretrain.ipynb #fb235f07
 LOSS_KEYS = ("loss", "loss_cls", "loss_proto", "loss_inst", "acc_inst", "acc_cls")
 
 def build_model(cfg, num_classes):
@@ -254,6 +254,10 @@ def build_model(cfg, num_classes):
     return PNL.ablation(cfg.preset, arch=cfg.arch, num_classes=num_classes, dim=cfg.dim, queue_size=cfg.queue_size,
                         m=cfg.key_momentum, proto_m=cfg.proto_momentum, T=cfg.temperature, alpha=cfg.alpha,
                         threshold=cfg.threshold, cls_dim=cfg.cls_dim)
+
+def weak_view(size):
+    "The reference's weak (query) view: the re-ID training transform without random erasing, padding scaled as 10 px at 256x128."
+    return reid_train_transform(size, pad=max(1, round(10 * size[0] / 256)), erase=0)
 
 def _epoch_seed(cfg, epoch, rank):
     "A seed for (run seed, epoch, rank): every epoch starts from a known RNG state, so a resumed run replays exactly."
@@ -274,7 +278,7 @@ def _checkpoint_to_resume(cfg):
     if not Path(cfg.resume).is_file(): raise FileNotFoundError(f"resume={cfg.resume!r}: no such checkpoint file")
     return Path(cfg.resume)
 
-# %% ../nbs/03_pretrain.ipynb #1e2fb375
+# %% ../nbs/03_pretrain.ipynb #be9492e0
 def train(cfg):
     "Pre-train as `cfg` says, in one process or under torchrun (DDP); returns the metrics rows (rank 0; `[]` elsewhere)."
     rank, world_size, device = setup_distributed(cfg.device)
@@ -288,7 +292,7 @@ def train(cfg):
         # data: two views of every crop, each rank reads its own shard
         toy = _built_in_data(rank) if cfg.data is None or cfg.bench is None else None
         data_root, bench = cfg.data or toy.lmdb, cfg.bench or toy.bench
-        views = TwoViewTransform(reid_train_transform(cfg.img_size), pretrain_strong_transform(cfg.img_size))
+        views = TwoViewTransform(weak_view(cfg.img_size), pretrain_strong_transform(cfg.img_size))
         dataset = LMDBDataset(data_root, views, return_index=True)
         sampler = DistributedShuffleSampler(dataset, seed=cfg.seed)
         loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size // world_size, sampler=sampler,
@@ -345,8 +349,9 @@ def train(cfg):
                 row.update(label_quality(noisy.numpy(), labels.cpu().numpy(), true))
                 if (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0) or epoch == cfg.epochs - 1:
                     t1 = time.time()
-                    row.update(evaluate_backbone(model, bench, cfg.img_size, device))
-                    row["eval_time"] = time.time() - t1
+                    scores = evaluate(model.backbone, bench, size=cfg.img_size, device=device, amp=amp,
+                                      num_workers=cfg.workers, progress=False)
+                    row.update({k: scores[k] for k in ("mAP", "rank1", "rank5")}, eval_time=time.time() - t1)
                 save_checkpoint(dict(epoch=epoch + 1, model=model.state_dict(), optimizer=optimizer.state_dict(),
                                      scaler=scaler.state_dict(), labels=labels.cpu(), config=asdict(cfg)),
                                 out_dir / "checkpoint.pth")
@@ -365,7 +370,7 @@ def train(cfg):
     finally:
         teardown_distributed()
 
-# %% ../nbs/03_pretrain.ipynb #bbc34807
+# %% ../nbs/03_pretrain.ipynb #b0962a2f
 def main(argv=None):
     "Entry point of `python -m lupnl.pretrain` / `torchrun -m lupnl.pretrain`: flags -> `PretrainConfig` -> `train`."
     train(parse_config(argv))
@@ -381,6 +386,6 @@ def launch(cfg, nproc):
     print(" ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
 
-# %% ../nbs/03_pretrain.ipynb #cd480cd0
+# %% ../nbs/03_pretrain.ipynb #08320278
 #| eval: false
 if __name__ == "__main__" and not IN_NOTEBOOK: main()

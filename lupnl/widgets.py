@@ -4,9 +4,9 @@
 
 # %% auto #0
 __all__ = ['to_png', 'image_getter', 'sample_by_label', 'umap_embed', 'label_centroids', 'nearest_labels', 'label_suspects',
-           'ClusterExplorer', 'RetrievalBrowser', 'per_query_ap']
+           'ClusterExplorer', 'RetrievalBrowser', 'model_from_checkpoint']
 
-# %% ../nbs/06_widgets.ipynb #bb909bb1
+# %% ../nbs/06_widgets.ipynb #d462c996
 import io, warnings
 from pathlib import Path
 import numpy as np
@@ -15,8 +15,14 @@ import ipywidgets as widgets
 from PIL import Image
 from matplotlib.figure import Figure
 from matplotlib import colormaps
+import torch
+from torch.utils.data import DataLoader, Dataset
+from .data import LMDBDataset, ImageDataset, read_benchmark, reid_test_transform, toy_dataset
+from .evaluate import extract_features, compute_distance, evaluate_rank
+from .pretrain import PretrainConfig, build_model, load_checkpoint, resolve_device
+from fastcore.basics import patch
 
-# %% ../nbs/06_widgets.ipynb #f83bf171
+# %% ../nbs/06_widgets.ipynb #3a755a94
 def to_png(img, height=96):
     "PNG bytes of `img` (PIL image, HWC/CHW array or tensor, or image file path), resized to `height` pixels high."
     if isinstance(img, (str, Path)):
@@ -47,7 +53,7 @@ def image_getter(images):
         return item[0] if isinstance(item, tuple) else item
     return get
 
-# %% ../nbs/06_widgets.ipynb #7d879f86
+# %% ../nbs/06_widgets.ipynb #17a0c77e
 def sample_by_label(labels, size=400, seed=0):
     "Sorted indices of a seeded sample of about `size` images made of whole labels (the last label drawn is cut to fit)."
     labels = np.asarray(labels)
@@ -59,7 +65,7 @@ def sample_by_label(labels, size=400, seed=0):
     idx = np.lexsort((np.arange(len(labels)), rank[inv]))  # images grouped by the label's draw order
     return np.sort(idx[:size])
 
-# %% ../nbs/06_widgets.ipynb #125581a2
+# %% ../nbs/06_widgets.ipynb #084d443e
 def umap_embed(features, n_neighbors=15, seed=0, min_dist=0.1):
     "Seeded 2-D UMAP embedding [n, 2] of `features` [n, d] under cosine distance."
     import umap  # slow import (numba): only when an embedding is needed
@@ -77,7 +83,7 @@ def umap_embed(features, n_neighbors=15, seed=0, min_dist=0.1):
                             precomputed_knn=(knn, dist, None))
         return reducer.fit_transform(x).astype(np.float32)
 
-# %% ../nbs/06_widgets.ipynb #31a81ed2
+# %% ../nbs/06_widgets.ipynb #3248f830
 def _py(x):
     "A numpy scalar as the Python scalar (dropdown values must compare equal to plain ints / strings)."
     return x.item() if hasattr(x, "item") else x
@@ -127,13 +133,17 @@ def label_suspects(features, labels, true_labels=None):
         df["purity"] = t.agg(lambda s: s.value_counts().iloc[0] / len(s)).to_numpy()
     return df.sort_values(["score", "label"], na_position="last", kind="stable").reset_index(drop=True)
 
-# %% ../nbs/06_widgets.ipynb #12dc16d6
+# %% ../nbs/06_widgets.ipynb #f1066c23
 _COLOR_NAMES = {"noisy": "noisy label", "corrected": "corrected label", "true": "true identity"}
 
 def _label_colors(values):
     "RGBA colours for categorical `values`: 20 distinct colours, reused by order of sorted value."
     codes = np.unique(np.asarray(values), return_inverse=True)[1]
     return colormaps["tab20"](codes % 20)
+
+def _caption(html):
+    "A small, tightly set caption under a thumbnail."
+    return widgets.HTML(f"<div style='line-height:1.25;font-size:11px;text-align:center'>{html}</div>")
 
 def _png(fig):
     buf = io.BytesIO()
@@ -157,7 +167,7 @@ class ClusterExplorer:
         self.corrected = corrected if corrected is None or callable(corrected) else np.asarray(corrected)
         self.get_image = image_getter(images)
         self.seed, self.n_nearest, self.max_grid, self.thumb_height = seed, n_nearest, max_grid, thumb_height
-        self.n_suspects = n_suspects
+        self.n_suspects, self.pool = n_suspects, None
         self.color_by, self.selected_label = "noisy", None
         self._embeddings, self._corrected_cache, self._thumbs = {}, {}, {}
         self._build(min(sample_size, n), n_neighbors)
@@ -180,7 +190,7 @@ class ClusterExplorer:
         self.plot = widgets.Image(format="png", layout=widgets.Layout(width="460px"))
         self.info = widgets.HTML()
         self.nearest_box = widgets.HBox(layout=widgets.Layout(flex_flow="row wrap"))
-        self.grid = widgets.Box(layout=widgets.Layout(display="flex", flex_flow="row wrap", max_width="640px"))
+        self.grid = widgets.Box(layout=widgets.Layout(display="flex", flex_flow="row wrap", max_width="560px"))
         self.grid.add_class("lupnl-grid")
         self.color_toggle.observe(lambda c: self.set_color(c["new"]), "value")
         self.size_slider.observe(lambda c: self.resample(), "value")
@@ -191,7 +201,8 @@ class ClusterExplorer:
                               self.nearest_box, self.grid])
         self.widget = widgets.VBox([widgets.HBox([self.color_toggle]),
                                     widgets.HBox([self.size_slider, self.neighbors_slider]),
-                                    widgets.HBox([widgets.VBox([self.plot, self.suspects_select]), right])])
+                                    widgets.HBox([widgets.VBox([self.plot, self.suspects_select]), right],
+                                                 layout=widgets.Layout(flex_flow="row wrap"))])
         self.widget.add_class("lupnl-cluster-explorer")
 
     def _repr_mimebundle_(self, **kwargs): return self.widget._repr_mimebundle_(**kwargs)
@@ -307,8 +318,7 @@ class ClusterExplorer:
             border = "3px solid #c00" if it["flagged"] else "3px solid transparent"
             img = (widgets.Image(value=self.thumbnail(it["index"]), format="png", layout=widgets.Layout(border=border))
                    if self.get_image is not None else widgets.HTML(f"<div style='border:{border}'>no image</div>"))
-            cells.append(widgets.VBox([img, widgets.HTML(f"<small>{cap}</small>")],
-                                      layout=widgets.Layout(margin="2px", align_items="center")))
+            cells.append(widgets.VBox([img, _caption(cap)], layout=widgets.Layout(margin="2px", align_items="center")))
         self.grid.children = cells
 
     def _show_nearest(self):
@@ -320,7 +330,7 @@ class ClusterExplorer:
             buttons.append(b)
         self.nearest_box.children = buttons
 
-# %% ../nbs/06_widgets.ipynb #95ef4a48
+# %% ../nbs/06_widgets.ipynb #01e75c19
 _MARKS = {"correct": ("#2a2", "&#10003; correct"), "wrong": ("#c00", "&#10007; wrong"),
           "same camera": ("#999", "same camera (ignored)")}
 
@@ -336,8 +346,8 @@ class RetrievalBrowser:
         for name, a, n in (("q_pids", self.q_pids, nq), ("q_camids", self.q_camids, nq),
                            ("g_pids", self.g_pids, ng), ("g_camids", self.g_camids, ng)):
             if len(a) != n: raise ValueError(f"RetrievalBrowser: distmat is {nq}x{ng} but {name} has {len(a)} entries")
-        self.ap = np.asarray(per_query_ap(self.distmat, self.q_pids, self.g_pids, self.q_camids, self.g_camids)
-                             if ap is None else ap, np.float64)
+        self.ap = np.asarray(evaluate_rank(self.distmat, self.q_pids, self.g_pids, self.q_camids, self.g_camids,
+                                           progress=False).query_ap if ap is None else ap, np.float64)
         if len(self.ap) != nq: raise ValueError(f"RetrievalBrowser: {nq} queries but {len(self.ap)} AP values")
         self.get_query, self.get_gallery = image_getter(query_images), image_getter(gallery_images)
         self.k, self.thumb_height, self._thumbs = k, thumb_height, {}
@@ -350,7 +360,7 @@ class RetrievalBrowser:
         self.threshold_slider = widgets.FloatSlider(value=threshold, min=0, max=1, step=0.05, description="AP <",
                                                     continuous_update=False, readout_format=".2f")
         self.only_failures = widgets.Checkbox(value=only_failures, description="only failures", indent=False)
-        self.query_slider = widgets.IntSlider(description="Query #", continuous_update=False)
+        self.query_slider = widgets.IntSlider(description="Browse", continuous_update=False)
         self.query_dropdown = widgets.Dropdown(description="Query", layout=widgets.Layout(width="360px"))
         self.next_button = widgets.Button(description="Next failure", icon="forward", button_style="warning")
         self.header = widgets.HTML()
@@ -441,8 +451,7 @@ class RetrievalBrowser:
         border = f"3px solid {color}"
         img = (widgets.Image(value=png, format="png", layout=widgets.Layout(border=border)) if png is not None
                else widgets.HTML(f"<div style='border:{border};height:{self.thumb_height}px;width:{self.thumb_height // 2}px'></div>"))
-        return widgets.VBox([img, widgets.HTML(f"<small>{caption}</small>")],
-                            layout=widgets.Layout(margin="2px", align_items="center"))
+        return widgets.VBox([img, _caption(caption)], layout=widgets.Layout(margin="2px", align_items="center"))
 
     def _show_results(self, q):
         cells = [self._cell(self._thumb(self.get_query, "q", q), f"<b>query</b><br>id {self.q_pids[q]} cam {self.q_camids[q]}", "#36c")]
@@ -452,12 +461,74 @@ class RetrievalBrowser:
             cells.append(self._cell(self._thumb(self.get_gallery, "g", g), cap, color))
         self.results.children = cells
 
-# %% ../nbs/06_widgets.ipynb #0d886185
-def per_query_ap(distmat, q_pids, g_pids, q_camids, g_camids):
-    "PROVISIONAL until lupnl.evaluate lands: per-query AP (NaN without valid match), Market protocol."
-    aps = np.full(len(q_pids), np.nan)
-    for q in range(len(q_pids)):
-        valid = ~((g_pids == q_pids[q]) & (g_camids == q_camids[q]))
-        hit = g_pids[valid][np.argsort(distmat[q][valid], kind="stable")] == q_pids[q]
-        if hit.any(): aps[q] = (np.cumsum(hit)[hit] / (np.flatnonzero(hit) + 1)).mean()
-    return aps
+# %% ../nbs/06_widgets.ipynb #0a2e7c56
+class _LabelledItems(Dataset):
+    "Items `idx` of a dataset of `(img, label, ...)` as the `(img, label, camid=-1)` batches `extract_features` reads."
+    def __init__(self, dataset, idx): self.dataset, self.idx = dataset, np.asarray(idx)
+    def __len__(self): return len(self.idx)
+    def __getitem__(self, i):
+        item = self.dataset[int(self.idx[i])]
+        return item[0], item[1], -1
+
+@patch(cls_method=True)
+def from_model(cls: ClusterExplorer, model, dataset, corrected=None, pool_size=1000, sample_size=400, seed=0,
+               batch_size=64, device=None, **kwargs):
+    """Explorer of `model`'s features on a label-sampled pool of `dataset` (an `LMDBDataset` whose transform suits
+    the model). `corrected`: the label of every dataset image after correction (raw label values), or a function
+    of dataset indices; true labels come from the dataset's `true_pids` where it has them."""
+    labels = np.asarray(dataset.labels)
+    known = np.flatnonzero(labels >= 0)
+    if len(known) == 0: raise ValueError(f"ClusterExplorer.from_model: {dataset!r} has no labelled image")
+    pool = known[sample_by_label(labels[known], pool_size, seed)]
+    loader = DataLoader(_LabelledItems(dataset, pool), batch_size=batch_size)
+    feats = extract_features(model, loader, device=device, desc="explorer features")[0]
+    if corrected is not None:
+        corrected = (lambda idx, fn=corrected: fn(pool[idx])) if callable(corrected) else np.asarray(corrected)[pool]
+    true = dataset.meta.get("true_pids")
+    ex = cls(feats, labels[pool], images=lambda j: dataset.image(pool[j]), corrected=corrected,
+             true_labels=None if true is None else np.asarray(true)[pool], sample_size=sample_size, seed=seed, **kwargs)
+    ex.pool = pool
+    return ex
+
+# %% ../nbs/06_widgets.ipynb #cfa69ec9
+def model_from_checkpoint(checkpoint, data=None, device="cpu"):
+    "(model in eval mode, its `PretrainConfig`, the run's `LMDBDataset` with the test transform) from a `lupnl.pretrain` checkpoint."
+    ckpt = load_checkpoint(checkpoint)
+    missing = [k for k in ("model", "config", "labels") if k not in ckpt]
+    if missing: raise KeyError(f"{checkpoint}: not a lupnl.pretrain checkpoint (no {missing})")
+    known = set(PretrainConfig.__dataclass_fields__)
+    cfg = PretrainConfig(**{k: v for k, v in ckpt["config"].items() if k in known})
+    ds = LMDBDataset(data or cfg.data or toy_dataset().lmdb, reid_test_transform(cfg.img_size))
+    if len(ckpt["labels"]) != len(ds):
+        raise ValueError(f"{checkpoint}: the run had {len(ckpt['labels'])} images but {ds.root} has {len(ds)}")
+    model = build_model(cfg, ds.num_classes)
+    model.load_state_dict(ckpt["model"])
+    model.run_labels = ckpt["labels"].cpu().numpy()  # class indices (-1: none), as the run corrected them
+    return model.to(resolve_device(device)).eval(), cfg, ds
+
+@patch(cls_method=True)
+def from_checkpoint(cls: ClusterExplorer, checkpoint, data=None, device="cpu", **kwargs):
+    "Explorer of a `lupnl.pretrain` checkpoint: its model's features; corrected labels = the run's current labels."
+    model, cfg, ds = model_from_checkpoint(checkpoint, data, device)
+    cur = model.run_labels
+    corrected = np.where(cur >= 0, ds.classes[np.clip(cur, 0, None)], -1)  # class index -> raw label
+    return cls.from_model(model, ds, corrected=corrected, **kwargs)
+
+# %% ../nbs/06_widgets.ipynb #0c251e1d
+@patch(cls_method=True)
+def from_model(cls: RetrievalBrowser, model, bench, size=(256, 128), batch_size=64, device=None, metric="cosine", **kwargs):
+    "Browser of `model` on a benchmark (a `Benchmark` or its folder): features, distances and AP from `lupnl.evaluate`."
+    bench = read_benchmark(bench) if isinstance(bench, (str, Path)) else bench
+    tf = reid_test_transform(size)
+    def feats(items, what):
+        return extract_features(model, DataLoader(ImageDataset(items, tf), batch_size=batch_size), device=device, desc=what)
+    qf, qp, qc = feats(bench.query, "query")
+    gf, gp, gc = feats(bench.gallery, "gallery")
+    return cls(compute_distance(qf, gf, metric), qp.numpy(), gp.numpy(), qc.numpy(), gc.numpy(),
+               [i.path for i in bench.query], [i.path for i in bench.gallery], **kwargs)
+
+@patch(cls_method=True)
+def from_checkpoint(cls: RetrievalBrowser, checkpoint, bench=None, data=None, device="cpu", **kwargs):
+    "Browser of a `lupnl.pretrain` checkpoint's backbone on `bench` (default: the run's benchmark, else the built-in one)."
+    model, cfg, _ = model_from_checkpoint(checkpoint, data, device)
+    return cls.from_model(model, bench or cfg.bench or toy_dataset().bench, size=cfg.img_size, **kwargs)

@@ -179,7 +179,7 @@ def test_dataloader_worker_error_is_ours(small_lmdb):
     it = iter(DataLoader(LMDBDataset(root), batch_size=6, num_workers=2, collate_fn=lambda b: b))
     with pytest.raises(MissingKeyError) as e:
         next(it)
-    assert str(e.value).startswith(f"key '000000777' (item 5) is not in the LMDB {root}\n[in DataLoader worker process")
+    assert str(e.value).startswith(f"key '000000777' (item 5) is not in the LMDB {root}\n[raised in DataLoader worker process")
     del it, e  # shut the workers down now
 
 
@@ -321,6 +321,29 @@ def test_toy_dataset_get_or_create(tmp_path, monkeypatch):
     toy_dataset(progress=False, **TINY)
     assert (a.lmdb / "keys.pkl").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dirs left
+
+
+def _get_toy(root, q): q.put(str(toy_dataset(root, progress=False, **TINY).lmdb))
+
+
+def test_toy_dataset_two_processes_at_once(tmp_path):
+    ctx = torch.multiprocessing.get_context("fork")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_get_toy, args=(tmp_path / "toy", q)) for _ in range(2)]
+    for p in procs: p.start()
+    for p in procs: p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert q.get() == q.get() == str(tmp_path / "toy" / "lupnl_nl")
+    assert len(LMDBDataset(tmp_path / "toy" / "lupnl_nl")) > 0 and [p.name for p in tmp_path.iterdir()] == ["toy"]
+
+
+def test_lmdb_recreated_at_same_path(tmp_path):
+    a = _png(np.full((4, 4, 3), 1, np.uint8))
+    write_lmdb(tmp_path / "db", [(a, 1)], progress=False)
+    assert (np.asarray(LMDBDataset(tmp_path / "db")[0][0]) == 1).all()
+    import shutil; shutil.rmtree(tmp_path / "db")
+    write_lmdb(tmp_path / "db", [(_png(np.full((4, 4, 3), 2, np.uint8)), 1)], progress=False)
+    assert (np.asarray(LMDBDataset(tmp_path / "db")[0][0]) == 2).all()
 
 
 # ---------------------------------------------------------------- samplers

@@ -81,7 +81,9 @@ class Lab:
         self.env = {**os.environ, "JUPYTER_CONFIG_DIR": str(home / "config"), "JUPYTER_DATA_DIR": str(home / "data"),
                     "JUPYTER_RUNTIME_DIR": str(home / "runtime"), "JUPYTERLAB_SETTINGS_DIR": str(home / "settings"),
                     "JUPYTERLAB_WORKSPACES_DIR": str(home / "workspaces"), "IPYTHONDIR": str(home / "ipython"),
-                    "JUPYTER_PLATFORM_DIRS": "1", "PYTHONUNBUFFERED": "1"}
+                    "JUPYTER_PLATFORM_DIRS": "1", "PYTHONUNBUFFERED": "1",
+                    # the kernel imports lupnl from this checkout (as nbdev_test does), whatever is installed
+                    "PYTHONPATH": os.pathsep.join([str(REPO)] + [p for p in [os.environ.get("PYTHONPATH")] if p])}
         self.env.pop("MPLBACKEND", None)  # the kernel uses the inline backend, as a person's would
         _ensure_venv_kernel(self.env)
         self.log_path = home / "lab.log"
@@ -203,8 +205,9 @@ def test_widgets_in_jupyterlab():
         t_run = time.time() - t0
 
         # --- cluster explorer: rendered with its controls and a grid of crops ---
+        # the notebook shows each widget on synthetic data first, then on the built-in data: use the last one
         ex = _wait(lambda: driver.find_elements(By.CSS_SELECTOR, ".lupnl-cluster-explorer"), UI_TIMEOUT,
-                   "the cluster explorer")[0]
+                   "the cluster explorer")[-1]
         for css in (".widget-toggle-buttons", ".widget-dropdown select", ".widget-select select", ".widget-slider"):
             assert ex.find_elements(By.CSS_SELECTOR, css), f"cluster explorer has no {css}"
         _wait(lambda: len(_img_srcs(ex, ".lupnl-grid img")) > 0, UI_TIMEOUT, "grid images")
@@ -236,7 +239,7 @@ def test_widgets_in_jupyterlab():
 
         # --- retrieval browser: "Next failure" moves to another query ---
         rb = _wait(lambda: driver.find_elements(By.CSS_SELECTOR, ".lupnl-retrieval-browser"), UI_TIMEOUT,
-                   "the retrieval browser")[0]
+                   "the retrieval browser")[-1]
         for css in (".widget-dropdown select", ".widget-slider", ".widget-checkbox", ".widget-button"):
             assert rb.find_elements(By.CSS_SELECTOR, css), f"retrieval browser has no {css}"
         _wait(lambda: len(_img_srcs(rb, ".lupnl-results img")) > 1, UI_TIMEOUT, "the query and its results")
