@@ -6,7 +6,7 @@
 __all__ = ['METRICS', 'extract_features', 'compute_distance', 'RankResult', 'evaluate_rank', 'evaluate_features', 're_ranking',
            'average_query_expansion', 'plot_retrieval', 'evaluate', 'OnnxModel']
 
-# %% ../nbs/05_evaluate.ipynb #79a6ae3a
+# %% ../nbs/05_evaluate.ipynb #0d094877
 import math
 from collections import namedtuple
 from pathlib import Path
@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from .data import ImageDataset, read_benchmark, reid_test_transform
 
-# %% ../nbs/05_evaluate.ipynb #07b7d6c0
+# %% ../nbs/05_evaluate.ipynb #417c5bf4
 def _model_device(model):
     "The device of the model's first parameter or buffer (CPU for a parameter-free module)."
     for t in list(model.parameters()) + list(model.buffers()): return t.device
@@ -60,7 +60,7 @@ def extract_features(model, loader, device=None, flip=False, normalize=True, amp
     if not feats: raise ValueError("extract_features got an empty loader")
     return torch.cat(feats), torch.cat(pids).long(), torch.cat(camids).long()
 
-# %% ../nbs/05_evaluate.ipynb #14d0d2f7
+# %% ../nbs/05_evaluate.ipynb #76f4abf5
 METRICS = ("cosine", "euclidean")
 
 def _default_chunk(G):
@@ -95,7 +95,7 @@ def compute_distance(qf, gf, metric="cosine", chunk=None):
     for a in range(0, len(qf), chunk): out[a:a + chunk] = dist(qf[a:a + chunk])
     return out
 
-# %% ../nbs/05_evaluate.ipynb #2c932166
+# %% ../nbs/05_evaluate.ipynb #796a2226
 def _f32_key(v):
     "Integer keys in [0, 2**32) with the order of the float32 values `v` (-0.0 == 0.0; no NaN): uint32 for numpy, int64 for torch."
     if isinstance(v, np.ndarray):
@@ -147,7 +147,7 @@ def _count_below(D, dmax, junk, s, use_numpy=None):
     less = torch.searchsorted(keys, tk) - row0
     return less, torch.searchsorted(keys, tk, right=True) - row0 - less
 
-# %% ../nbs/05_evaluate.ipynb #67ad9427
+# %% ../nbs/05_evaluate.ipynb #24aef9dd
 class _Members:
     "For each query, the gallery indices that share its pid (ascending), from the gallery grouped by pid."
     def __init__(self, g_pids):
@@ -208,7 +208,7 @@ def _rank_true_matches(D, qp, qc, gp, gc, members, junk, use_numpy=None):
         negless[ti, tj] += cnt
     return npos, torch.where(ok, slot + negless, 0)
 
-# %% ../nbs/05_evaluate.ipynb #d190c8a6
+# %% ../nbs/05_evaluate.ipynb #b0e39ce5
 def _cuhk03_cmc(D, qp, qc, gp, gc, junk, max_rank, rs, repeats=10):
     "torchreid's single-gallery-shot CMC, query by query: `[c, max_rank]` (NaN rows for queries without a true match)."
     D, qp, qc, gp, gc = (x.detach().cpu().numpy() for x in (D, qp, qc, gp, gc))
@@ -231,7 +231,7 @@ def _cuhk03_cmc(D, qp, qc, gp, gc, junk, max_rank, rs, repeats=10):
         out[q] = (r[:, None] <= ranks).sum(0) / repeats
     return out
 
-# %% ../nbs/05_evaluate.ipynb #4616bfee
+# %% ../nbs/05_evaluate.ipynb #f0a50457
 class RankResult(namedtuple("RankResult", "cmc mAP mINP num_valid query_ap")):
     "Retrieval scores (fractions): `cmc[k-1]` = rank-k, `mAP`, `mINP`, `num_valid` queries, per-query AP (NaN: no true match)."
     __slots__ = ()
@@ -299,7 +299,7 @@ def evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=50, ap="
     return _rank_rows(lambda a, b: D[a:b], *D.shape, q_pids, g_pids, q_camids, g_camids, device, max_rank, ap,
                       cuhk03, junk_pid, seed, chunk, progress)
 
-# %% ../nbs/05_evaluate.ipynb #bb4421b1
+# %% ../nbs/05_evaluate.ipynb #463f16a5
 def evaluate_features(qf, gf, q_pids, g_pids, q_camids, g_camids, metric="cosine", max_rank=50, ap="standard",
                       cuhk03=False, junk_pid=None, seed=0, chunk=None, progress=None):
     "`evaluate_rank` straight from query / gallery features: each chunk's distances are computed, ranked and dropped."
@@ -308,7 +308,7 @@ def evaluate_features(qf, gf, q_pids, g_pids, q_camids, g_camids, metric="cosine
     return _rank_rows(lambda a, b: dist(qf[a:b]), len(qf), len(gf), q_pids, g_pids, q_camids, g_camids, qf.device,
                       max_rank, ap, cuhk03, junk_pid, seed, chunk, progress)
 
-# %% ../nbs/05_evaluate.ipynb #6d84dcee
+# %% ../nbs/05_evaluate.ipynb #8e876e4f
 def _merge_rows(idx, val, N, add):
     "Per row: sort the column indices, merge duplicates (adding their values with `add`, else keeping one), pad with `N` / 0, trim."
     idx, o = torch.sort(idx, dim=1)
@@ -383,7 +383,7 @@ def re_ranking(q_g_dist, q_q_dist, g_g_dist, k1=20, k2=6, lambda_value=0.3, chun
     jaccard = 1 - inter / (2. - inter)
     return jaccard * (1 - lambda_value) + O[:Q, Q:] * lambda_value
 
-# %% ../nbs/05_evaluate.ipynb #2e42800a
+# %% ../nbs/05_evaluate.ipynb #5925ae84
 def average_query_expansion(qf, gf, k=10, alpha=3.0, times=1, chunk=1024):
     "`(qf, gf)` after average query expansion over query + gallery features (fast-reid's `aqe`)."
     qf, gf = _check_features(qf, gf)
@@ -397,7 +397,7 @@ def average_query_expansion(qf, gf, k=10, alpha=3.0, times=1, chunk=1024):
         feats = out
     return feats[:len(qf)], feats[len(qf):]
 
-# %% ../nbs/05_evaluate.ipynb #5174fce8
+# %% ../nbs/05_evaluate.ipynb #63838a31
 def _load_thumb(path, size):
     from PIL import Image
     return np.asarray(Image.open(path).convert("RGB").resize((size[1], size[0])))
@@ -420,19 +420,22 @@ def plot_retrieval(query_items, gallery_items, distmat, q_idx, topk=10, size=(12
         ax.imshow(_load_thumb(query_items[q][0], size))
         a = res.query_ap[row]
         ax.set_title(f"query id {qp[q]}\ncam {qc[q]}  AP " + ("n/a" if np.isnan(a) else f"{a:.2f}"), fontsize=8)
+        rank = 0
         for j, gi in enumerate(np.argsort(D[q].numpy(), kind="stable")[:topk]):
             same = gp[gi] == qp[q]
             ignored = (same and gc[gi] == qc[q]) or (junk_pid is not None and gp[gi] == junk_pid)
+            rank += not ignored
             color = "0.6" if ignored else ("tab:green" if same else "tab:red")
             ax = axes[row, j + 1]
             ax.imshow(_load_thumb(gallery_items[gi][0], size))
-            ax.set_title(f"{j + 1}: {D[q, gi]:.3f}\nid {gp[gi]} cam {gc[gi]}", fontsize=7, color="0.4" if ignored else "black")
+            ax.set_title(("ignored" if ignored else f"rank {rank}") + f"\nd {D[q, gi]:.3f}  id {gp[gi]} c{gc[gi]}",
+                         fontsize=7, color="0.45" if ignored else "black")
             for sp in ax.spines.values(): sp.set_edgecolor(color); sp.set_linewidth(4)
         for ax in axes[row]: ax.set_xticks([]); ax.set_yticks([])
     fig.tight_layout()
     return fig
 
-# %% ../nbs/05_evaluate.ipynb #ebcb802b
+# %% ../nbs/05_evaluate.ipynb #da06fdc6
 def _as_loader(x, size, batch_size, num_workers, what):
     if isinstance(x, DataLoader): return x
     if isinstance(x, (list, tuple)) and len(x) and all(hasattr(i, "path") or isinstance(i, tuple) for i in x):
@@ -452,7 +455,7 @@ def evaluate(model, query, gallery=None, metric="cosine", flip=False, size=(256,
     gf, gp, gc = extract_features(model, _as_loader(gallery, size, batch_size, num_workers, "gallery"), desc="gallery", **kw)
     return evaluate_features(qf, gf, qp, gp, qc, gc, metric=metric, max_rank=max_rank, **rank_kwargs).as_dict(percent=True)
 
-# %% ../nbs/05_evaluate.ipynb #38f8cb5a
+# %% ../nbs/05_evaluate.ipynb #fdfbb648
 class OnnxModel(nn.Module):
     "An ONNX feature extractor (run by onnxruntime) as a module: `[B, 3, H, W]` float images -> `[B, D]` features."
     def __init__(self, path, providers=("CPUExecutionProvider",)):

@@ -8,19 +8,21 @@ __all__ = ['LOSS_KEYS', 'set_stride', 'trunk_channels', 'BoT', 'MGN', 'label_smo
            'imagenet_weights', 'build_model', 'load_benchmark', 'training_items', 'build_loaders', 'log_line',
            'retrieval_metrics', 'reid_losses', 'train', 'plot_curves', 'main']
 
-# %% ../nbs/04_finetune.ipynb #08f1c9b8
-import argparse, copy, json, math, os, random, time
-from dataclasses import dataclass, asdict, fields, replace
+# %% ../nbs/04_finetune.ipynb #aa2475e0
+import argparse, copy, math, time
+from dataclasses import dataclass, asdict, fields
 from pathlib import Path
 
-import numpy as np
+import matplotlib.pyplot as plt
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torchvision
 from fastcore.imports import IN_NOTEBOOK
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-# %% ../nbs/04_finetune.ipynb #a5964ec7
+# %% ../nbs/04_finetune.ipynb #038da4b3
 def set_stride(stage, stride):
     "Set the stride of the first block of a ResNet `stage` (e.g. `layer4` = conv5) in place: its strided conv and its downsample."
     for conv in stage[0].modules():
@@ -31,7 +33,7 @@ def trunk_channels(trunk):
     "Channels out of a ResNet trunk's last stage: 512 for BasicBlock ResNets (resnet18/34), 2048 for Bottleneck ones."
     return [m for m in trunk.layer4[-1].modules() if isinstance(m, nn.BatchNorm2d)][-1].num_features
 
-# %% ../nbs/04_finetune.ipynb #f3d9fe92
+# %% ../nbs/04_finetune.ipynb #4553b636
 class BoT(nn.Module):
     "Bag-of-Tricks baseline (Luo et al. 2019): ResNet trunk with last stride 1 -> GAP -> BNNeck -> bias-free classifier."
     def __init__(self, trunk, num_classes, last_stride=1):
@@ -53,7 +55,7 @@ class BoT(nn.Module):
         if not self.training: return bn
         return dict(logits=[self.classifier(bn)], feats=[feat])
 
-# %% ../nbs/04_finetune.ipynb #fd5f06b7
+# %% ../nbs/04_finetune.ipynb #53f749b3
 class MGN(nn.Module):
     "Multiple Granularity Network (Wang et al. 2018): shared stem to conv4_1, then a global, a 2-part and a 3-part branch."
     def __init__(self, trunk, num_classes, dim=256):
@@ -84,12 +86,12 @@ class MGN(nn.Module):
         if not self.training: return torch.cat(feats, 1)
         return dict(logits=[fc(f) for fc, f in zip(self.classifiers, feats)], feats=feats[:3])
 
-# %% ../nbs/04_finetune.ipynb #4e1dfb03
+# %% ../nbs/04_finetune.ipynb #9699c0b4
 def label_smoothed_ce(logits, labels, eps=0.1):
     "Cross-entropy against smoothed targets q = (1-eps)·onehot + eps/N (BoT: eps = 0.1; eps = 0: plain CE)."
     return F.cross_entropy(logits.float(), labels, label_smoothing=eps)
 
-# %% ../nbs/04_finetune.ipynb #ead3f4b7
+# %% ../nbs/04_finetune.ipynb #86e98f8a
 def pairwise_distance(x):
     "Euclidean distance matrix between the rows of `x` (clamped away from 0 so that its gradient stays finite)."
     sq = x.pow(2).sum(1)
@@ -104,7 +106,7 @@ def batch_hard_triplet(feats, labels, margin=0.3):
     gap = hardest_pos - hardest_neg
     return (F.relu(gap + margin) if margin > 0 else F.softplus(gap)).mean()
 
-# %% ../nbs/04_finetune.ipynb #73a54041
+# %% ../nbs/04_finetune.ipynb #4de486af
 from .pretrain import (_int_tuple, _str2bool, learning_rate, append_metrics, read_metrics, truncate_metrics,
                             save_checkpoint, load_checkpoint, resolve_device, seed_everything)
 
@@ -154,7 +156,7 @@ class FinetuneConfig:
             if not 0 < getattr(self, name) <= 1: raise ValueError(f"{name} must be in (0, 1], not {getattr(self, name)}")
         if self.last_stride not in (1, 2): raise ValueError(f"last_stride must be 1 or 2, not {self.last_stride}")
 
-# %% ../nbs/04_finetune.ipynb #8fd45b58
+# %% ../nbs/04_finetune.ipynb #9a87028a
 def config_parser():
     "An `argparse` parser with one `--field` flag per `FinetuneConfig` field."
     parser = argparse.ArgumentParser(prog="python -m lupnl.finetune", description="Fine-tune BoT or MGN on a re-ID benchmark.")
@@ -171,16 +173,15 @@ def parse_config(argv=None):
     "A `FinetuneConfig` from command-line flags (`sys.argv[1:]` if `argv` is None)."
     return FinetuneConfig(**vars(config_parser().parse_args(argv)))
 
-# %% ../nbs/04_finetune.ipynb #35212e19
+# %% ../nbs/04_finetune.ipynb #ec3c6e3c
 def build_optimizer(cfg, model):
     "Adam or SGD with momentum (per `cfg.optimizer`) over the trainable parameters of `model`, weight decay `cfg.weight_decay`."
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.optimizer == "adam": return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
-# %% ../nbs/04_finetune.ipynb #d0cc1733
-from .models import resnet_trunk, load_pretrained, export_backbone
-import torchvision
+# %% ../nbs/04_finetune.ipynb #fafc198f
+from .models import resnet_trunk, load_pretrained
 
 def imagenet_weights(arch):
     "Path of torchvision's ImageNet weights for `arch` in the local torch hub cache (never downloaded; a clear error if absent)."
@@ -202,8 +203,7 @@ def build_model(cfg, num_classes):
     model = BoT(trunk, num_classes, cfg.last_stride) if cfg.model == "bot" else MGN(trunk, num_classes)
     return model, report
 
-# %% ../nbs/04_finetune.ipynb #cda39530
-from torch.utils.data import DataLoader
+# %% ../nbs/04_finetune.ipynb #5d99d50f
 from .data import (toy_dataset, read_benchmark, ImageDataset, PKSampler, reid_train_transform,
                         reid_test_transform, subset_identities, subset_shots)
 
@@ -222,15 +222,14 @@ def build_loaders(cfg, bench, device=torch.device("cpu")):
     "`(train, query, gallery)` loaders: P×K training batches of augmented crops (labels 0..N-1), plain test crops."
     train_set = ImageDataset(training_items(cfg, bench), reid_train_transform(cfg.img_size), relabel=True)
     sampler = PKSampler(train_set.targets, cfg.P, cfg.K, seed=cfg.seed)
-    kw = dict(num_workers=cfg.workers, pin_memory=device.type == "cuda", persistent_workers=cfg.workers > 0)
+    kw = dict(num_workers=cfg.workers, pin_memory=device.type == "cuda")  # workers restart (reseeded) every epoch
     train = DataLoader(train_set, batch_size=cfg.P * cfg.K, sampler=sampler, drop_last=True, **kw)
     test_tf = reid_test_transform(cfg.img_size)
     query, gallery = (DataLoader(ImageDataset(items, test_tf), batch_size=4 * cfg.P * cfg.K, **kw)
                       for items in (bench.query, bench.gallery))
     return train, query, gallery
 
-# %% ../nbs/04_finetune.ipynb #9c4c842d
-import matplotlib.pyplot as plt
+# %% ../nbs/04_finetune.ipynb #93a96b7a
 from .pretrain import _checkpoint_to_resume, _epoch_seed
 from .evaluate import evaluate
 
@@ -252,7 +251,7 @@ def reid_losses(out, labels, cfg):
     tri = torch.stack([batch_hard_triplet(f, labels, cfg.margin) for f in out["feats"]]).mean()
     return ce + tri, ce, tri
 
-# %% ../nbs/04_finetune.ipynb #92070af4
+# %% ../nbs/04_finetune.ipynb #8d815dab
 def _check_resumable(ckpt, cfg, path):
     "Refuse to resume a checkpoint whose run differs from `cfg` in a field that changes the model or the data."
     saved = ckpt.get("config", {})
@@ -332,7 +331,7 @@ def train(cfg):
     plt.close(fig)
     return model.eval(), rows
 
-# %% ../nbs/04_finetune.ipynb #1e086494
+# %% ../nbs/04_finetune.ipynb #9626b2a5
 def plot_curves(out_dir):
     "A figure of `out_dir/metrics.jsonl`: losses, train accuracy and retrieval mAP / rank-1 / mINP (%), learning rate."
     rows = read_metrics(out_dir)
@@ -350,11 +349,11 @@ def plot_curves(out_dir):
     fig.tight_layout()
     return fig
 
-# %% ../nbs/04_finetune.ipynb #8d8035b1
+# %% ../nbs/04_finetune.ipynb #96f13913
 def main(argv=None):
     "Entry point of `python -m lupnl.finetune`: flags -> `FinetuneConfig` -> `train`."
     train(parse_config(argv))
 
-# %% ../nbs/04_finetune.ipynb #23b24061
+# %% ../nbs/04_finetune.ipynb #35a4b9b4
 #| eval: false
 if __name__ == "__main__" and not IN_NOTEBOOK: main()

@@ -6,9 +6,10 @@
 __all__ = ['LOSS_KEYS', 'PretrainConfig', 'config_parser', 'parse_config', 'config_args', 'learning_rate', 'LARS',
            'build_optimizer', 'append_metrics', 'read_metrics', 'truncate_metrics', 'plot_metrics', 'save_checkpoint',
            'load_checkpoint', 'resolve_device', 'setup_distributed', 'teardown_distributed', 'seed_everything',
-           'label_quality', 'build_model', 'weak_view', 'train', 'main', 'torchrun_command', 'launch']
+           'label_quality', 'build_model', 'weak_view', 'train', 'main', 'torchrun_command', 'launch',
+           'compare_ablations', 'plot_ablation']
 
-# %% ../nbs/03_pretrain.ipynb #9e4dd5d9
+# %% ../nbs/03_pretrain.ipynb #4aa0a84f
 import argparse, json, math, os, random, subprocess, sys, time
 from dataclasses import dataclass, asdict, fields, replace
 from pathlib import Path
@@ -26,7 +27,7 @@ from .inspect import compare_labelings
 from .models import PNL, export_backbone
 from .evaluate import evaluate
 
-# %% ../nbs/03_pretrain.ipynb #d7a60284
+# %% ../nbs/03_pretrain.ipynb #cfed00b3
 def _int_tuple(value):
     "`(40, 80)` from `(40, 80)`, `[40, 80]`, `40`, `'40,80'` or `'256x128'`; `()` from `''`."
     if isinstance(value, str):
@@ -40,32 +41,32 @@ class PretrainConfig:
     data: str = None
     out_dir: str = "runs/pretrain"
     arch: str = "resnet18"
-    epochs: int = 6
-    batch_size: int = 32
-    lr: float = 0.03
+    epochs: int = 3
+    batch_size: int = 64
+    lr: float = 0.1
     schedule: str = "step"
-    lr_steps: tuple = (5,)
+    lr_steps: tuple = (2,)
     warmup_epochs: int = 0
     optimizer: str = "sgd"
     weight_decay: float = 1e-4
     momentum: float = 0.9
     temperature: float = 0.07
-    queue_size: int = 512
+    queue_size: int = 1024
     key_momentum: float = 0.99
     proto_momentum: float = 0.9
     alpha: float = 0.5
     threshold: float = 0.8
-    correct_start: int = 2
-    label_guided_start: int = 3
+    correct_start: int = 1
+    label_guided_start: int = 2
     preset: str = "pnl"
     dim: int = 128
     cls_dim: int = 256
-    img_size: tuple = (64, 32)
+    img_size: tuple = (32, 16)
     amp: bool = True
     workers: int = 0
     seed: int = 0
     device: str = "auto"
-    eval_every: int = 2
+    eval_every: int = 1
     bench: str = None
     resume: str = "auto"
     dump_state: bool = False
@@ -79,7 +80,7 @@ class PretrainConfig:
         if len(self.img_size) != 2: raise ValueError(f"img_size must be (height, width), not {self.img_size!r}")
         if self.epochs < 1 or self.batch_size < 2: raise ValueError(f"need epochs >= 1 and batch_size >= 2, got {self.epochs} and {self.batch_size}")
 
-# %% ../nbs/03_pretrain.ipynb #d4e2a895
+# %% ../nbs/03_pretrain.ipynb #89252d66
 def _str2bool(value):
     if isinstance(value, bool): return value
     if value.lower() in ("1", "true", "yes", "on"): return True
@@ -112,7 +113,7 @@ def config_args(cfg):
         args += [f"--{f.name}", "none" if value is None else str(value)]
     return args
 
-# %% ../nbs/03_pretrain.ipynb #6b9020fb
+# %% ../nbs/03_pretrain.ipynb #70aa01dc
 def learning_rate(cfg, epoch):
     "The learning rate at fractional `epoch` (epoch + step/steps_per_epoch): linear warm-up, then step or cosine."
     if epoch < cfg.warmup_epochs: return cfg.lr * epoch / cfg.warmup_epochs
@@ -121,7 +122,7 @@ def learning_rate(cfg, epoch):
         return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(done, 1.0)))
     return cfg.lr * 0.1 ** sum(epoch >= s for s in cfg.lr_steps)
 
-# %% ../nbs/03_pretrain.ipynb #fb17f354
+# %% ../nbs/03_pretrain.ipynb #dc0968bf
 class LARS(torch.optim.Optimizer):
     "SGD with momentum and layer-wise adaptive rate scaling (You et al. 2017); 1-d parameters (biases, norms) get plain SGD without weight decay."
     def __init__(self, params, lr=0.1, momentum=0.9, weight_decay=0.0, trust=0.001):
@@ -153,7 +154,7 @@ def build_optimizer(cfg, model):
     if cfg.optimizer == "lars": return LARS(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
-# %% ../nbs/03_pretrain.ipynb #6ee1f739
+# %% ../nbs/03_pretrain.ipynb #678dd53d
 def append_metrics(out_dir, row):
     "Append `row` (a dict) as one JSON line to `out_dir/metrics.jsonl`."
     with open(Path(out_dir) / "metrics.jsonl", "a") as f:
@@ -175,7 +176,7 @@ def truncate_metrics(out_dir, epoch):
     tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
     os.replace(tmp, path)
 
-# %% ../nbs/03_pretrain.ipynb #a84c9084
+# %% ../nbs/03_pretrain.ipynb #37e05e26
 def plot_metrics(out_dir):
     "A figure of the metrics in `out_dir/metrics.jsonl`: losses, accuracies, label quality, retrieval mAP / rank-1, lr."
     rows = read_metrics(out_dir)
@@ -195,7 +196,7 @@ def plot_metrics(out_dir):
     fig.tight_layout()
     return fig
 
-# %% ../nbs/03_pretrain.ipynb #a53dd818
+# %% ../nbs/03_pretrain.ipynb #6c70bbf1
 def save_checkpoint(state, path):
     "`torch.save` `state` to `path` atomically: write a temporary file in the same folder, then `os.replace`."
     path = Path(path)
@@ -210,7 +211,7 @@ def load_checkpoint(path, map_location="cpu"):
     try: return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e: raise RuntimeError(f"cannot read checkpoint {path}: {e}") from e
 
-# %% ../nbs/03_pretrain.ipynb #13c010b4
+# %% ../nbs/03_pretrain.ipynb #c17f7db4
 def resolve_device(device="auto"):
     "`torch.device` for `device`: 'auto' means CUDA if available, else CPU."
     if device == "auto": device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -237,7 +238,7 @@ def seed_everything(seed):
     "Seed Python, NumPy and torch (all devices)."
     random.seed(seed); np.random.seed(seed % 2**32); torch.manual_seed(seed)
 
-# %% ../nbs/03_pretrain.ipynb #01a21db0
+# %% ../nbs/03_pretrain.ipynb #566cac44
 def label_quality(noisy, current, true=None):
     "Fraction of labels `corrected`; with true identities (-1 junk) also `purity_before`, `purity`, `precision` and `recall` of the corrections."
     noisy, current = np.asarray(noisy), np.asarray(current)
@@ -246,7 +247,7 @@ def label_quality(noisy, current, true=None):
     c = compare_labelings(true, noisy, current)
     return dict(res, purity_before=c["purity_before"], purity=c["purity_after"], precision=c["precision"], recall=c["recall"])
 
-# %% ../nbs/03_pretrain.ipynb #fb235f07
+# %% ../nbs/03_pretrain.ipynb #2f7c715c
 LOSS_KEYS = ("loss", "loss_cls", "loss_proto", "loss_inst", "acc_inst", "acc_cls")
 
 def build_model(cfg, num_classes):
@@ -278,7 +279,7 @@ def _checkpoint_to_resume(cfg):
     if not Path(cfg.resume).is_file(): raise FileNotFoundError(f"resume={cfg.resume!r}: no such checkpoint file")
     return Path(cfg.resume)
 
-# %% ../nbs/03_pretrain.ipynb #be9492e0
+# %% ../nbs/03_pretrain.ipynb #eb5d06f2
 def train(cfg):
     "Pre-train as `cfg` says, in one process or under torchrun (DDP); returns the metrics rows (rank 0; `[]` elsewhere)."
     rank, world_size, device = setup_distributed(cfg.device)
@@ -370,7 +371,7 @@ def train(cfg):
     finally:
         teardown_distributed()
 
-# %% ../nbs/03_pretrain.ipynb #b0962a2f
+# %% ../nbs/03_pretrain.ipynb #d504c811
 def main(argv=None):
     "Entry point of `python -m lupnl.pretrain` / `torchrun -m lupnl.pretrain`: flags -> `PretrainConfig` -> `train`."
     train(parse_config(argv))
@@ -386,6 +387,38 @@ def launch(cfg, nproc):
     print(" ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
 
-# %% ../nbs/03_pretrain.ipynb #08320278
+# %% ../nbs/03_pretrain.ipynb #7dbd44ca
 #| eval: false
 if __name__ == "__main__" and not IN_NOTEBOOK: main()
+
+# %% ../nbs/03_pretrain.ipynb #cd28749b
+def compare_ablations(cfg, presets=("pnl", "ce", "moco")):
+    "Train `cfg` once per preset in `out_dir/<preset>`, evaluate the random-init backbone too; a DataFrame, saved to `out_dir/ablation.csv`."
+    import pandas as pd
+    out, rows = Path(cfg.out_dir), []
+    for preset in presets:
+        hist = train(replace(cfg, preset=preset, out_dir=str(out / preset)))
+        last = hist[-1]
+        rows.append(dict(model=preset, mAP=last["mAP"], rank1=last["rank1"], rank5=last["rank5"],
+                         purity_before=last.get("purity_before"), purity_after=last.get("purity"),
+                         corrected=last["corrected"], precision=last.get("precision"), recall=last.get("recall"),
+                         train_minutes=sum(r["epoch_time"] for r in hist) / 60))
+    seed_everything(cfg.seed)                       # the same initial trunk as every run above (built first, same seed)
+    trunk = build_model(replace(cfg, preset="moco"), 0).backbone
+    device = resolve_device(cfg.device)
+    scores = evaluate(trunk.to(device), cfg.bench or toy_dataset().bench, size=cfg.img_size, device=device, progress=False)
+    rows.append(dict(model="random init", mAP=scores["mAP"], rank1=scores["rank1"], rank5=scores["rank5"], train_minutes=0.0))
+    table = pd.DataFrame(rows).set_index("model")
+    table.to_csv(out / "ablation.csv")
+    return table
+
+def plot_ablation(table):
+    "Bar charts of an ablation table: retrieval mAP / rank-1 per model, label purity before / after per model."
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.5))
+    table[["mAP", "rank1"]].plot.bar(ax=a, rot=0); a.set_ylabel("%"); a.set_title("retrieval on the benchmark")
+    labelled = table.dropna(subset=["purity_before"])
+    labelled[["purity_before", "purity_after"]].plot.bar(ax=b, rot=0)
+    b.set_ylim(min(0.8, labelled[["purity_before", "purity_after"]].min().min() - 0.02), 1)
+    b.set_title("label purity (presets that read labels)")
+    fig.tight_layout()
+    return fig

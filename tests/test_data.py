@@ -1,6 +1,6 @@
 """lupnl.data: LMDB round trip and errors, real-data benchmark readers, toy dataset noise and determinism,
 DataLoader workers over the LMDB, samplers."""
-import io, os, pickle, warnings
+import io, os, pickle, shutil
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +9,12 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from lupnl.data import *
+from lupnl.data import (DataError, DataNotFoundError, MissingKeyError, CorruptImageError, UnsafePickleError, Item,
+                        load_keys, write_lmdb, write_lmdb_from_folder, LMDBDataset, TwoViewTransform, read_benchmark,
+                        read_market1501, read_dukemtmc, read_cuhk03_np, ImageDataset, subset_identities, subset_shots,
+                        reid_test_transform, pretrain_weak_transform, pretrain_strong_transform, PKSampler,
+                        DistributedPKSampler, DistributedShuffleSampler, simulate_noise, measure_noise,
+                        make_toy_dataset, toy_dataset)
 
 SMALL = dict(n_ids=60, imgs_per_id=(8, 14), n_bench_ids=6, n_distractors=2, n_bench_junk=2)  # for noise rates
 TINY = dict(n_ids=16, imgs_per_id=(6, 10), n_bench_ids=10, n_distractors=3, n_bench_junk=2)
@@ -341,7 +346,7 @@ def test_lmdb_recreated_at_same_path(tmp_path):
     a = _png(np.full((4, 4, 3), 1, np.uint8))
     write_lmdb(tmp_path / "db", [(a, 1)], progress=False)
     assert (np.asarray(LMDBDataset(tmp_path / "db")[0][0]) == 1).all()
-    import shutil; shutil.rmtree(tmp_path / "db")
+    shutil.rmtree(tmp_path / "db")
     write_lmdb(tmp_path / "db", [(_png(np.full((4, 4, 3), 2, np.uint8)), 1)], progress=False)
     assert (np.asarray(LMDBDataset(tmp_path / "db")[0][0]) == 2).all()
 
