@@ -6,7 +6,7 @@
 __all__ = ['to_png', 'image_getter', 'sample_by_label', 'umap_embed', 'label_centroids', 'nearest_labels', 'label_suspects',
            'ClusterExplorer', 'RetrievalBrowser', 'model_from_checkpoint']
 
-# %% ../nbs/06_widgets.ipynb #d462c996
+# %% ../nbs/06_widgets.ipynb #f99c5d91
 import io, warnings
 from pathlib import Path
 import numpy as np
@@ -22,7 +22,7 @@ from .evaluate import extract_features, compute_distance, evaluate_rank
 from .pretrain import PretrainConfig, build_model, load_checkpoint, resolve_device
 from fastcore.basics import patch
 
-# %% ../nbs/06_widgets.ipynb #3a755a94
+# %% ../nbs/06_widgets.ipynb #26a515f7
 def to_png(img, height=96):
     "PNG bytes of `img` (PIL image, HWC/CHW array or tensor, or image file path), resized to `height` pixels high."
     if isinstance(img, (str, Path)):
@@ -53,7 +53,7 @@ def image_getter(images):
         return item[0] if isinstance(item, tuple) else item
     return get
 
-# %% ../nbs/06_widgets.ipynb #17a0c77e
+# %% ../nbs/06_widgets.ipynb #7b5a4288
 def sample_by_label(labels, size=400, seed=0):
     "Sorted indices of a seeded sample of about `size` images made of whole labels (the last label drawn is cut to fit)."
     labels = np.asarray(labels)
@@ -65,7 +65,7 @@ def sample_by_label(labels, size=400, seed=0):
     idx = np.lexsort((np.arange(len(labels)), rank[inv]))  # images grouped by the label's draw order
     return np.sort(idx[:size])
 
-# %% ../nbs/06_widgets.ipynb #084d443e
+# %% ../nbs/06_widgets.ipynb #35ec89c4
 def umap_embed(features, n_neighbors=15, seed=0, min_dist=0.1):
     "Seeded 2-D UMAP embedding [n, 2] of `features` [n, d] under cosine distance."
     import umap  # slow import (numba): only when an embedding is needed
@@ -83,7 +83,7 @@ def umap_embed(features, n_neighbors=15, seed=0, min_dist=0.1):
                             precomputed_knn=(knn, dist, None))
         return reducer.fit_transform(x).astype(np.float32)
 
-# %% ../nbs/06_widgets.ipynb #3248f830
+# %% ../nbs/06_widgets.ipynb #f8084bf4
 def _py(x):
     "A numpy scalar as the Python scalar (dropdown values must compare equal to plain ints / strings)."
     return x.item() if hasattr(x, "item") else x
@@ -133,7 +133,7 @@ def label_suspects(features, labels, true_labels=None):
         df["purity"] = t.agg(lambda s: s.value_counts().iloc[0] / len(s)).to_numpy()
     return df.sort_values(["score", "label"], na_position="last", kind="stable").reset_index(drop=True)
 
-# %% ../nbs/06_widgets.ipynb #f1066c23
+# %% ../nbs/06_widgets.ipynb #059d68b6
 _COLOR_NAMES = {"noisy": "noisy label", "corrected": "corrected label", "true": "true identity"}
 
 def _label_colors(values):
@@ -187,10 +187,10 @@ class ClusterExplorer:
         self.label_dropdown = widgets.Dropdown(description="Label")
         self.suspects_select = widgets.Select(description="Suspects", rows=12,
                                               layout=widgets.Layout(width="300px"))
-        self.plot = widgets.Image(format="png", layout=widgets.Layout(width="460px"))
+        self.plot = widgets.Image(format="png", layout=widgets.Layout(width="420px"))
         self.info = widgets.HTML()
         self.nearest_box = widgets.HBox(layout=widgets.Layout(flex_flow="row wrap"))
-        self.grid = widgets.Box(layout=widgets.Layout(display="flex", flex_flow="row wrap", max_width="560px"))
+        self.grid = widgets.Box(layout=widgets.Layout(display="flex", flex_flow="row wrap"))
         self.grid.add_class("lupnl-grid")
         self.color_toggle.observe(lambda c: self.set_color(c["new"]), "value")
         self.size_slider.observe(lambda c: self.resample(), "value")
@@ -198,11 +198,11 @@ class ClusterExplorer:
         self.label_dropdown.observe(lambda c: c["new"] is not None and self.select(c["new"]), "value")
         self.suspects_select.observe(lambda c: c["new"] is not None and self.select(c["new"]), "value")
         right = widgets.VBox([self.label_dropdown, self.info, widgets.HTML("<b>Nearest labels</b> (cosine, centroids)"),
-                              self.nearest_box, self.grid])
+                              self.nearest_box, self.grid], layout=widgets.Layout(flex="1 1 380px", min_width="380px"))
         self.widget = widgets.VBox([widgets.HBox([self.color_toggle]),
                                     widgets.HBox([self.size_slider, self.neighbors_slider]),
-                                    widgets.HBox([widgets.VBox([self.plot, self.suspects_select]), right],
-                                                 layout=widgets.Layout(flex_flow="row wrap"))])
+                                    widgets.HBox([widgets.VBox([self.plot, self.suspects_select],
+                                                               layout=widgets.Layout(flex="0 0 430px")), right])])
         self.widget.add_class("lupnl-cluster-explorer")
 
     def _repr_mimebundle_(self, **kwargs): return self.widget._repr_mimebundle_(**kwargs)
@@ -283,7 +283,7 @@ class ClusterExplorer:
         "Redraw the map: points coloured by `color_by` (`plot_data`), the selected label's points ringed in black."
         self.plot_data = self.colors_for(self.color_by)
         e, sel = self.embedding, self.labels[self.sample] == self.selected_label
-        fig = Figure(figsize=(4.6, 4.2), dpi=100)
+        fig = Figure(figsize=(4.2, 4.0), dpi=100)
         ax = fig.add_subplot()
         ax.scatter(e[:, 0], e[:, 1], c=_label_colors(self.plot_data), s=12, linewidths=0)
         ax.scatter(e[sel, 0], e[sel, 1], facecolors="none", edgecolors="black", s=60, linewidths=1.2,
@@ -330,7 +330,7 @@ class ClusterExplorer:
             buttons.append(b)
         self.nearest_box.children = buttons
 
-# %% ../nbs/06_widgets.ipynb #01e75c19
+# %% ../nbs/06_widgets.ipynb #27bafa8c
 _MARKS = {"correct": ("#2a2", "&#10003; correct"), "wrong": ("#c00", "&#10007; wrong"),
           "same camera": ("#999", "same camera (ignored)")}
 
@@ -461,7 +461,7 @@ class RetrievalBrowser:
             cells.append(self._cell(self._thumb(self.get_gallery, "g", g), cap, color))
         self.results.children = cells
 
-# %% ../nbs/06_widgets.ipynb #0a2e7c56
+# %% ../nbs/06_widgets.ipynb #0401fad1
 class _LabelledItems(Dataset):
     "Items `idx` of a dataset of `(img, label, ...)` as the `(img, label, camid=-1)` batches `extract_features` reads."
     def __init__(self, dataset, idx): self.dataset, self.idx = dataset, np.asarray(idx)
@@ -490,7 +490,7 @@ def from_model(cls: ClusterExplorer, model, dataset, corrected=None, pool_size=1
     ex.pool = pool
     return ex
 
-# %% ../nbs/06_widgets.ipynb #cfa69ec9
+# %% ../nbs/06_widgets.ipynb #9f072971
 def model_from_checkpoint(checkpoint, data=None, device="cpu"):
     "(model in eval mode, its `PretrainConfig`, the run's `LMDBDataset` with the test transform) from a `lupnl.pretrain` checkpoint."
     ckpt = load_checkpoint(checkpoint)
@@ -514,7 +514,7 @@ def from_checkpoint(cls: ClusterExplorer, checkpoint, data=None, device="cpu", *
     corrected = np.where(cur >= 0, ds.classes[np.clip(cur, 0, None)], -1)  # class index -> raw label
     return cls.from_model(model, ds, corrected=corrected, **kwargs)
 
-# %% ../nbs/06_widgets.ipynb #0c251e1d
+# %% ../nbs/06_widgets.ipynb #878b1ccf
 @patch(cls_method=True)
 def from_model(cls: RetrievalBrowser, model, bench, size=(256, 128), batch_size=64, device=None, metric="cosine", **kwargs):
     "Browser of `model` on a benchmark (a `Benchmark` or its folder): features, distances and AP from `lupnl.evaluate`."

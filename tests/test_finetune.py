@@ -184,6 +184,9 @@ def test_resume_continues_and_replays_exactly(tmp_path):
     assert rows_a[-1]["mAP"] == rows_b[-1]["mAP"]
     with pytest.raises(ValueError, match="different run"):
         train(FinetuneConfig(**TINY, epochs=3, arch="resnet34", out_dir=str(a)))
+    torch.save(dict(epoch=1, model={}, config=dict(arch="resnet18")), tmp_path / "pretrain_checkpoint.pth")
+    with pytest.raises(ValueError, match="not a fine-tuning checkpoint"):
+        train(FinetuneConfig(**TINY, out_dir=str(tmp_path / "c"), resume=str(tmp_path / "pretrain_checkpoint.pth")))
 
 
 # ---------------------------------------------------------------- command line
