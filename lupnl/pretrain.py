@@ -9,12 +9,13 @@ __all__ = ['LOSS_KEYS', 'PretrainConfig', 'config_parser', 'parse_config', 'conf
            'label_quality', 'build_model', 'weak_view', 'train', 'main', 'torchrun_command', 'launch',
            'compare_ablations', 'plot_ablation']
 
-# %% ../nbs/03_pretrain.ipynb #4aa0a84f
+# %% ../nbs/03_pretrain.ipynb #7eb4d7ce
 import argparse, json, math, os, random, subprocess, sys, time
 from dataclasses import dataclass, asdict, fields, replace
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.distributed as dist
 import matplotlib.pyplot as plt
@@ -27,7 +28,7 @@ from .inspect import compare_labelings
 from .models import PNL, export_backbone
 from .evaluate import evaluate
 
-# %% ../nbs/03_pretrain.ipynb #cfed00b3
+# %% ../nbs/03_pretrain.ipynb #2fa00e0e
 def _int_tuple(value):
     "`(40, 80)` from `(40, 80)`, `[40, 80]`, `40`, `'40,80'` or `'256x128'`; `()` from `''`."
     if isinstance(value, str):
@@ -80,7 +81,7 @@ class PretrainConfig:
         if len(self.img_size) != 2: raise ValueError(f"img_size must be (height, width), not {self.img_size!r}")
         if self.epochs < 1 or self.batch_size < 2: raise ValueError(f"need epochs >= 1 and batch_size >= 2, got {self.epochs} and {self.batch_size}")
 
-# %% ../nbs/03_pretrain.ipynb #89252d66
+# %% ../nbs/03_pretrain.ipynb #9fee1294
 def _str2bool(value):
     if isinstance(value, bool): return value
     if value.lower() in ("1", "true", "yes", "on"): return True
@@ -113,7 +114,7 @@ def config_args(cfg):
         args += [f"--{f.name}", "none" if value is None else str(value)]
     return args
 
-# %% ../nbs/03_pretrain.ipynb #70aa01dc
+# %% ../nbs/03_pretrain.ipynb #fd4ecaf5
 def learning_rate(cfg, epoch):
     "The learning rate at fractional `epoch` (epoch + step/steps_per_epoch): linear warm-up, then step or cosine."
     if epoch < cfg.warmup_epochs: return cfg.lr * epoch / cfg.warmup_epochs
@@ -122,7 +123,7 @@ def learning_rate(cfg, epoch):
         return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(done, 1.0)))
     return cfg.lr * 0.1 ** sum(epoch >= s for s in cfg.lr_steps)
 
-# %% ../nbs/03_pretrain.ipynb #dc0968bf
+# %% ../nbs/03_pretrain.ipynb #e7ee1688
 class LARS(torch.optim.Optimizer):
     "SGD with momentum and layer-wise adaptive rate scaling (You et al. 2017); 1-d parameters (biases, norms) get plain SGD without weight decay."
     def __init__(self, params, lr=0.1, momentum=0.9, weight_decay=0.0, trust=0.001):
@@ -154,9 +155,10 @@ def build_optimizer(cfg, model):
     if cfg.optimizer == "lars": return LARS(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
-# %% ../nbs/03_pretrain.ipynb #678dd53d
+# %% ../nbs/03_pretrain.ipynb #3725aaae
 def append_metrics(out_dir, row):
-    "Append `row` (a dict) as one JSON line to `out_dir/metrics.jsonl`."
+    "Append `row` (a dict) as one JSON line to `out_dir/metrics.jsonl` (NaN / inf become null)."
+    row = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
     with open(Path(out_dir) / "metrics.jsonl", "a") as f:
         f.write(json.dumps(row) + "\n")
         f.flush(); os.fsync(f.fileno())
@@ -176,7 +178,7 @@ def truncate_metrics(out_dir, epoch):
     tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
     os.replace(tmp, path)
 
-# %% ../nbs/03_pretrain.ipynb #37e05e26
+# %% ../nbs/03_pretrain.ipynb #88f7f38f
 def plot_metrics(out_dir):
     "A figure of the metrics in `out_dir/metrics.jsonl`: losses, accuracies, label quality, retrieval mAP / rank-1, lr."
     rows = read_metrics(out_dir)
@@ -196,7 +198,7 @@ def plot_metrics(out_dir):
     fig.tight_layout()
     return fig
 
-# %% ../nbs/03_pretrain.ipynb #6c70bbf1
+# %% ../nbs/03_pretrain.ipynb #e3b74bf2
 def save_checkpoint(state, path):
     "`torch.save` `state` to `path` atomically: write a temporary file in the same folder, then `os.replace`."
     path = Path(path)
@@ -211,7 +213,7 @@ def load_checkpoint(path, map_location="cpu"):
     try: return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e: raise RuntimeError(f"cannot read checkpoint {path}: {e}") from e
 
-# %% ../nbs/03_pretrain.ipynb #c17f7db4
+# %% ../nbs/03_pretrain.ipynb #8960a401
 def resolve_device(device="auto"):
     "`torch.device` for `device`: 'auto' means CUDA if available, else CPU."
     if device == "auto": device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -238,7 +240,7 @@ def seed_everything(seed):
     "Seed Python, NumPy and torch (all devices)."
     random.seed(seed); np.random.seed(seed % 2**32); torch.manual_seed(seed)
 
-# %% ../nbs/03_pretrain.ipynb #566cac44
+# %% ../nbs/03_pretrain.ipynb #b2aebc1a
 def label_quality(noisy, current, true=None):
     "Fraction of labels `corrected`; with true identities (-1 junk) also `purity_before`, `purity`, `precision` and `recall` of the corrections."
     noisy, current = np.asarray(noisy), np.asarray(current)
@@ -247,7 +249,7 @@ def label_quality(noisy, current, true=None):
     c = compare_labelings(true, noisy, current)
     return dict(res, purity_before=c["purity_before"], purity=c["purity_after"], precision=c["precision"], recall=c["recall"])
 
-# %% ../nbs/03_pretrain.ipynb #2f7c715c
+# %% ../nbs/03_pretrain.ipynb #6d1f1241
 LOSS_KEYS = ("loss", "loss_cls", "loss_proto", "loss_inst", "acc_inst", "acc_cls")
 
 def build_model(cfg, num_classes):
@@ -279,7 +281,7 @@ def _checkpoint_to_resume(cfg):
     if not Path(cfg.resume).is_file(): raise FileNotFoundError(f"resume={cfg.resume!r}: no such checkpoint file")
     return Path(cfg.resume)
 
-# %% ../nbs/03_pretrain.ipynb #eb5d06f2
+# %% ../nbs/03_pretrain.ipynb #fec2645d
 def train(cfg):
     "Pre-train as `cfg` says, in one process or under torchrun (DDP); returns the metrics rows (rank 0; `[]` elsewhere)."
     rank, world_size, device = setup_distributed(cfg.device)
@@ -371,7 +373,7 @@ def train(cfg):
     finally:
         teardown_distributed()
 
-# %% ../nbs/03_pretrain.ipynb #d504c811
+# %% ../nbs/03_pretrain.ipynb #331de2ef
 def main(argv=None):
     "Entry point of `python -m lupnl.pretrain` / `torchrun -m lupnl.pretrain`: flags -> `PretrainConfig` -> `train`."
     train(parse_config(argv))
@@ -387,14 +389,13 @@ def launch(cfg, nproc):
     print(" ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
 
-# %% ../nbs/03_pretrain.ipynb #7dbd44ca
+# %% ../nbs/03_pretrain.ipynb #7372e65e
 #| eval: false
 if __name__ == "__main__" and not IN_NOTEBOOK: main()
 
-# %% ../nbs/03_pretrain.ipynb #cd28749b
+# %% ../nbs/03_pretrain.ipynb #159664df
 def compare_ablations(cfg, presets=("pnl", "ce", "moco")):
     "Train `cfg` once per preset in `out_dir/<preset>`, evaluate the random-init backbone too; a DataFrame, saved to `out_dir/ablation.csv`."
-    import pandas as pd
     out, rows = Path(cfg.out_dir), []
     for preset in presets:
         hist = train(replace(cfg, preset=preset, out_dir=str(out / preset)))
@@ -419,6 +420,6 @@ def plot_ablation(table):
     labelled = table.dropna(subset=["purity_before"])
     labelled[["purity_before", "purity_after"]].plot.bar(ax=b, rot=0)
     b.set_ylim(min(0.8, labelled[["purity_before", "purity_after"]].min().min() - 0.02), 1)
-    b.set_title("label purity (presets that read labels)")
+    b.set_title("label purity: tracker's labels vs current labels")
     fig.tight_layout()
     return fig

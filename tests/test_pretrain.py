@@ -32,10 +32,10 @@ def env(data_home):
 
 @pytest.fixture(scope="session")
 def tiny_lmdb(data_home, tmp_path_factory):
-    "The first 256 crops of the toy data as their own LUPerson-NL LMDB (noisy pids + true_pids): seconds per epoch."
+    "The first 128 crops of the toy data (about 9 identities) as their own LUPerson-NL LMDB (noisy pids + true_pids)."
     toy = toy_dataset(data_home / "toy", progress=False)
     ds = LMDBDataset(toy.lmdb)
-    n = 256
+    n = 128
     out = tmp_path_factory.mktemp("tiny") / "lmdb"
     write_lmdb(out, ((ds.read_bytes(i), int(ds.labels[i])) for i in range(n)), progress=False,
                extra={"true_pids": list(ds.meta["true_pids"][:n])})
@@ -55,6 +55,19 @@ def check_backbone(path, arch="resnet18"):
     assert set(res.missing_keys) == {"fc.weight", "fc.bias"} and not res.unexpected_keys
 
 
+def test_parameters_cell_is_the_config():
+    "The papermill parameters of nbs/03_pretrain.ipynb are exactly the fields of PretrainConfig, with its defaults."
+    from dataclasses import asdict
+    from lupnl.pretrain import PretrainConfig
+    nb = json.loads((REPO / "nbs" / "03_pretrain.ipynb").read_text())
+    cells = [c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])]
+    assert len(cells) == 1
+    params = {}
+    exec("".join(cells[0]["source"]), params)
+    params.pop("__builtins__")
+    assert params == asdict(PretrainConfig())
+
+
 def test_papermill_defaults(tmp_path, env):
     "The README's main command: papermill with default parameters, built-in data generated from scratch, <= 5 min."
     out = tmp_path / "run"
@@ -64,7 +77,7 @@ def test_papermill_defaults(tmp_path, env):
     minutes = (time.time() - t0) / 60
     print(f"papermill with defaults (including generating the toy data): {minutes:.2f} min")
     assert minutes <= 5, f"papermill with defaults took {minutes:.2f} min (limit 5)"
-    assert (env["LUPNL_DATA"] and (Path(env["LUPNL_DATA"]) / "toy" / "toy.json").exists())
+    assert (Path(env["LUPNL_DATA"]) / "toy" / "toy.json").exists()    # it generated the built-in data
     rows = read_metrics(out)
     from lupnl.pretrain import PretrainConfig
     cfg = PretrainConfig()
@@ -81,7 +94,7 @@ def test_papermill_defaults(tmp_path, env):
 
 def test_kill_and_resume(tmp_path, env, tiny_lmdb):
     "SIGKILL a run right after its first checkpoint; running it again resumes there and replays the uninterrupted run."
-    epochs = 5
+    epochs = 3
     cmd = [sys.executable, "-m", "lupnl.pretrain"]
     out = tmp_path / "killed"
     proc = subprocess.Popen(cmd + tiny_args(tiny_lmdb, out, epochs), env=env, cwd=tmp_path,
@@ -120,16 +133,17 @@ def test_kill_and_resume(tmp_path, env, tiny_lmdb):
 
 def test_ddp_two_processes_gloo(tmp_path, env, tiny_lmdb):
     "torchrun with 2 CPU processes (gloo): completes; queue, prototypes, labels and weights agree across ranks; it learns."
-    out, epochs = tmp_path / "ddp", 4
+    out, epochs = tmp_path / "ddp", 3
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "lupnl.pretrain", *tiny_args(tiny_lmdb, out, epochs), "--dump_state", "true"]
+           "-m", "lupnl.pretrain", *tiny_args(tiny_lmdb, out, epochs), "--queue_size", "40", "--dump_state", "true"]
     res = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-3000:]
     s0, s1 = (torch.load(out / f"state_rank{r}.pth", weights_only=True) for r in (0, 1))
     m0, m1 = s0["model"], s1["model"]
     for k in ("queue", "queue_labels", "queue_ptr", "prototypes"):
         assert torch.equal(m0[k], m1[k]), f"{k} differs across ranks"
-    assert int(m0["queue_ptr"]) == (epochs * (256 // 16) * 16) % 64    # both ranks' keys were enqueued
+    steps = 128 // 16                                                   # per epoch: 8 images per rank and step
+    assert int(m0["queue_ptr"]) == (epochs * steps * 16) % 40          # each step enqueued both ranks' 8 keys
     assert (m0["queue_labels"] >= 0).all() and m0["prototypes"].norm(dim=1).gt(0).any()
     assert torch.equal(s0["labels"], s1["labels"])
     params = [k for k in m0 if "encoder_q" in k and "running" not in k and "num_batches" not in k]

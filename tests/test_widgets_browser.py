@@ -42,19 +42,22 @@ def _free_port():
         return s.getsockname()[1]
 
 
+def _runs_here(exe, env):
+    "Does the kernel command `exe` run this interpreter's environment (same bin folder, after a PATH lookup)?"
+    return Path(shutil.which(exe, path=env.get("PATH")) or exe).parent == Path(sys.executable).parent
+
+
 def _ensure_venv_kernel(env):
-    "Make the `python3` kernelspec the lab will use point at this interpreter's environment (install it if not)."
+    "Make the `python3` kernelspec the lab will use run this interpreter's environment (install it there if not)."
     probe = ("from jupyter_client.kernelspec import KernelSpecManager as K;"
              "print(K().get_kernel_spec('python3').argv[0])")
     def argv0(): return subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True,
                                        check=True).stdout.strip()
-    ours = Path(sys.executable).parent
-    def is_ours(exe): return exe in ("python", "python3") or Path(shutil.which(exe, path=env.get("PATH")) or exe).parent == ours
-    if not is_ours(argv0()):
+    if not _runs_here(argv0(), env):
         subprocess.run([sys.executable, "-m", "ipykernel", "install", "--sys-prefix", "--name", "python3"],
                        env=env, check=True, capture_output=True)
     exe = argv0()
-    assert is_ours(exe), f"kernel python3 runs {exe}, not {sys.executable}"
+    assert _runs_here(exe, env), f"kernel python3 runs {exe}, not {sys.executable}"
 
 
 def _write_settings(root):
@@ -222,7 +225,7 @@ def test_widgets_in_jupyterlab():
         t0 = time.time()
         lab = Lab(root, home)
         spec = lab.api("kernelspecs")["kernelspecs"]["python3"]["spec"]["argv"][0]
-        assert spec in ("python", "python3") or Path(spec).parent == Path(sys.executable).parent, spec
+        assert _runs_here(spec, lab.env), f"the lab's python3 kernel runs {spec}, not {sys.executable}"
         driver = _chrome(chromium, chromedriver, home / "chrome-profile")
         driver.get(f"{lab.url}/lab/tree/nbs/{NOTEBOOK}?token={lab.token}")
         # the notebook is open and its kernel is ready
