@@ -9,7 +9,7 @@ __all__ = ['LOSS_KEYS', 'PretrainConfig', 'config_parser', 'parse_config', 'conf
            'label_quality', 'build_model', 'weak_view', 'train', 'main', 'torchrun_command', 'launch',
            'compare_ablations', 'plot_ablation']
 
-# %% ../nbs/03_pretrain.ipynb #7eb4d7ce
+# %% ../nbs/03_pretrain.ipynb #b431be0f
 import argparse, json, math, os, random, subprocess, sys, time
 from dataclasses import dataclass, asdict, fields, replace
 from pathlib import Path
@@ -28,7 +28,7 @@ from .inspect import compare_labelings
 from .models import PNL, export_backbone
 from .evaluate import evaluate
 
-# %% ../nbs/03_pretrain.ipynb #2fa00e0e
+# %% ../nbs/03_pretrain.ipynb #b3e7d4f4
 def _int_tuple(value):
     "`(40, 80)` from `(40, 80)`, `[40, 80]`, `40`, `'40,80'` or `'256x128'`; `()` from `''`."
     if isinstance(value, str):
@@ -81,7 +81,7 @@ class PretrainConfig:
         if len(self.img_size) != 2: raise ValueError(f"img_size must be (height, width), not {self.img_size!r}")
         if self.epochs < 1 or self.batch_size < 2: raise ValueError(f"need epochs >= 1 and batch_size >= 2, got {self.epochs} and {self.batch_size}")
 
-# %% ../nbs/03_pretrain.ipynb #9fee1294
+# %% ../nbs/03_pretrain.ipynb #a26283e1
 def _str2bool(value):
     if isinstance(value, bool): return value
     if value.lower() in ("1", "true", "yes", "on"): return True
@@ -114,7 +114,7 @@ def config_args(cfg):
         args += [f"--{f.name}", "none" if value is None else str(value)]
     return args
 
-# %% ../nbs/03_pretrain.ipynb #fd4ecaf5
+# %% ../nbs/03_pretrain.ipynb #13701ac4
 def learning_rate(cfg, epoch):
     "The learning rate at fractional `epoch` (epoch + step/steps_per_epoch): linear warm-up, then step or cosine."
     if epoch < cfg.warmup_epochs: return cfg.lr * epoch / cfg.warmup_epochs
@@ -123,7 +123,7 @@ def learning_rate(cfg, epoch):
         return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(done, 1.0)))
     return cfg.lr * 0.1 ** sum(epoch >= s for s in cfg.lr_steps)
 
-# %% ../nbs/03_pretrain.ipynb #e7ee1688
+# %% ../nbs/03_pretrain.ipynb #5390a823
 class LARS(torch.optim.Optimizer):
     "SGD with momentum and layer-wise adaptive rate scaling (You et al. 2017); 1-d parameters (biases, norms) get plain SGD without weight decay."
     def __init__(self, params, lr=0.1, momentum=0.9, weight_decay=0.0, trust=0.001):
@@ -155,7 +155,7 @@ def build_optimizer(cfg, model):
     if cfg.optimizer == "lars": return LARS(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
-# %% ../nbs/03_pretrain.ipynb #3725aaae
+# %% ../nbs/03_pretrain.ipynb #43339013
 def append_metrics(out_dir, row):
     "Append `row` (a dict) as one JSON line to `out_dir/metrics.jsonl` (NaN / inf become null)."
     row = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
@@ -178,27 +178,28 @@ def truncate_metrics(out_dir, epoch):
     tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
     os.replace(tmp, path)
 
-# %% ../nbs/03_pretrain.ipynb #88f7f38f
+# %% ../nbs/03_pretrain.ipynb #0a8d6897
 def plot_metrics(out_dir):
-    "A figure of the metrics in `out_dir/metrics.jsonl`: losses, accuracies, label quality, retrieval mAP / rank-1, lr."
+    "A figure of the metrics in `out_dir/metrics.jsonl`: losses, accuracies, label quality, retrieval, lr, time."
     rows = read_metrics(out_dir)
     if not rows: raise FileNotFoundError(f"{Path(out_dir) / 'metrics.jsonl'}: no metrics to plot")
     panels = [("losses", ("loss", "loss_cls", "loss_proto", "loss_inst")), ("accuracy (%)", ("acc_cls", "acc_inst")),
               ("labels", ("purity_before", "purity", "corrected", "precision", "recall")),
-              ("retrieval", ("mAP", "rank1")), ("learning rate", ("lr",))]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
-    for ax, (title, keys) in zip(axes, panels):
+              ("retrieval (%)", ("mAP", "rank1", "rank5")), ("learning rate", ("lr",)), ("seconds", ("epoch_time", "eval_time"))]
+    fig, axes = plt.subplots(2, 3, figsize=(12, 6))
+    for ax, (title, keys) in zip(axes.flat, panels):
         for k in keys:
-            pts = [(r["epoch"] + 1, r[k]) for r in rows if r.get(k) is not None and math.isfinite(r[k])]
+            pts = [(r["epoch"] + 1, r[k]) for r in rows if r.get(k) is not None]
             if pts and not (k.startswith("loss_") and all(v == 0 for _, v in pts)):
                 ax.plot(*zip(*pts), marker="o", ms=3, label=k, ls="--" if k == "purity_before" else "-")
         ax.set_title(title); ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
         if ax.lines: ax.legend(fontsize=7)
     fig.suptitle(f"{Path(out_dir).name}: {len(rows)} epochs")
     fig.tight_layout()
     return fig
 
-# %% ../nbs/03_pretrain.ipynb #e3b74bf2
+# %% ../nbs/03_pretrain.ipynb #0c999322
 def save_checkpoint(state, path):
     "`torch.save` `state` to `path` atomically: write a temporary file in the same folder, then `os.replace`."
     path = Path(path)
@@ -213,7 +214,7 @@ def load_checkpoint(path, map_location="cpu"):
     try: return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e: raise RuntimeError(f"cannot read checkpoint {path}: {e}") from e
 
-# %% ../nbs/03_pretrain.ipynb #8960a401
+# %% ../nbs/03_pretrain.ipynb #3deeb795
 def resolve_device(device="auto"):
     "`torch.device` for `device`: 'auto' means CUDA if available, else CPU."
     if device == "auto": device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -240,7 +241,7 @@ def seed_everything(seed):
     "Seed Python, NumPy and torch (all devices)."
     random.seed(seed); np.random.seed(seed % 2**32); torch.manual_seed(seed)
 
-# %% ../nbs/03_pretrain.ipynb #b2aebc1a
+# %% ../nbs/03_pretrain.ipynb #e1534423
 def label_quality(noisy, current, true=None):
     "Fraction of labels `corrected`; with true identities (-1 junk) also `purity_before`, `purity`, `precision` and `recall` of the corrections."
     noisy, current = np.asarray(noisy), np.asarray(current)
@@ -249,7 +250,7 @@ def label_quality(noisy, current, true=None):
     c = compare_labelings(true, noisy, current)
     return dict(res, purity_before=c["purity_before"], purity=c["purity_after"], precision=c["precision"], recall=c["recall"])
 
-# %% ../nbs/03_pretrain.ipynb #6d1f1241
+# %% ../nbs/03_pretrain.ipynb #d9c8a447
 LOSS_KEYS = ("loss", "loss_cls", "loss_proto", "loss_inst", "acc_inst", "acc_cls")
 
 def build_model(cfg, num_classes):
@@ -281,7 +282,7 @@ def _checkpoint_to_resume(cfg):
     if not Path(cfg.resume).is_file(): raise FileNotFoundError(f"resume={cfg.resume!r}: no such checkpoint file")
     return Path(cfg.resume)
 
-# %% ../nbs/03_pretrain.ipynb #fec2645d
+# %% ../nbs/03_pretrain.ipynb #8dddde42
 def train(cfg):
     "Pre-train as `cfg` says, in one process or under torchrun (DDP); returns the metrics rows (rank 0; `[]` elsewhere)."
     rank, world_size, device = setup_distributed(cfg.device)
@@ -307,7 +308,7 @@ def train(cfg):
 
         # model, optimizer, AMP
         model = build_model(cfg, dataset.num_classes).to(device)
-        if cuda: model = model.to(memory_format=torch.channels_last)
+        if cuda: model, torch.backends.cudnn.benchmark = model.to(memory_format=torch.channels_last), True
         optimizer = build_optimizer(cfg, model)
         scaler = torch.amp.GradScaler(device.type, enabled=amp)
 
@@ -316,7 +317,8 @@ def train(cfg):
         if ckpt_path is not None:
             ckpt = load_checkpoint(ckpt_path, map_location=device)
             model.load_state_dict(ckpt["model"]); optimizer.load_state_dict(ckpt["optimizer"])
-            scaler.load_state_dict(ckpt["scaler"]); labels.copy_(ckpt["labels"])
+            if ckpt["scaler"]: scaler.load_state_dict(ckpt["scaler"])   # empty when saved without AMP (e.g. on CPU)
+            labels.copy_(ckpt["labels"])
             start_epoch = ckpt["epoch"]
             if rank == 0: print(f"resumed from {ckpt_path} at epoch {start_epoch}")
         if rank == 0: truncate_metrics(out_dir, start_epoch)
@@ -373,7 +375,7 @@ def train(cfg):
     finally:
         teardown_distributed()
 
-# %% ../nbs/03_pretrain.ipynb #331de2ef
+# %% ../nbs/03_pretrain.ipynb #d63125cf
 def main(argv=None):
     "Entry point of `python -m lupnl.pretrain` / `torchrun -m lupnl.pretrain`: flags -> `PretrainConfig` -> `train`."
     train(parse_config(argv))
@@ -389,14 +391,17 @@ def launch(cfg, nproc):
     print(" ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
 
-# %% ../nbs/03_pretrain.ipynb #7372e65e
+# %% ../nbs/03_pretrain.ipynb #bd5de0a4
 #| eval: false
 if __name__ == "__main__" and not IN_NOTEBOOK: main()
 
-# %% ../nbs/03_pretrain.ipynb #159664df
+# %% ../nbs/03_pretrain.ipynb #dc15b4a0
 def compare_ablations(cfg, presets=("pnl", "ce", "moco")):
     "Train `cfg` once per preset in `out_dir/<preset>`, evaluate the random-init backbone too; a DataFrame, saved to `out_dir/ablation.csv`."
     out, rows = Path(cfg.out_dir), []
+    if cfg.data is None or cfg.bench is None:      # resolve the built-in data once: every model sees the same files
+        toy = toy_dataset()
+        cfg = replace(cfg, data=cfg.data or str(toy.lmdb), bench=cfg.bench or str(toy.bench))
     for preset in presets:
         hist = train(replace(cfg, preset=preset, out_dir=str(out / preset)))
         last = hist[-1]
@@ -407,7 +412,7 @@ def compare_ablations(cfg, presets=("pnl", "ce", "moco")):
     seed_everything(cfg.seed)                       # the same initial trunk as every run above (built first, same seed)
     trunk = build_model(replace(cfg, preset="moco"), 0).backbone
     device = resolve_device(cfg.device)
-    scores = evaluate(trunk.to(device), cfg.bench or toy_dataset().bench, size=cfg.img_size, device=device, progress=False)
+    scores = evaluate(trunk.to(device), cfg.bench, size=cfg.img_size, device=device, progress=False)
     rows.append(dict(model="random init", mAP=scores["mAP"], rank1=scores["rank1"], rank5=scores["rank5"], train_minutes=0.0))
     table = pd.DataFrame(rows).set_index("model")
     table.to_csv(out / "ablation.csv")

@@ -1,5 +1,5 @@
 """End-to-end tests of lupnl.pretrain: the papermill run with defaults, kill-and-resume, 2-process DDP on CPU (gloo)."""
-import json, math, os, signal, subprocess, sys, time
+import json, math, os, shutil, signal, subprocess, sys, time
 from pathlib import Path
 
 import numpy as np
@@ -8,7 +8,7 @@ import torch
 import torchvision
 
 from lupnl.data import LMDBDataset, toy_dataset, write_lmdb
-from lupnl.pretrain import read_metrics, load_checkpoint
+from lupnl.pretrain import PretrainConfig, config_args, load_checkpoint, read_metrics, torchrun_command
 
 REPO = Path(__file__).resolve().parents[1]
 # Every run of this file uses its own data folder, so the papermill run below generates the built-in data
@@ -42,10 +42,25 @@ def tiny_lmdb(data_home, tmp_path_factory):
     return out
 
 
-def tiny_args(data, out_dir, epochs):
-    return ["--data", str(data), "--out_dir", str(out_dir), "--epochs", str(epochs), "--batch_size", "16",
-            "--img_size", "32,16", "--queue_size", "64", "--correct_start", "1", "--label_guided_start", "1",
-            "--eval_every", "0", "--lr_steps", ""]
+@pytest.fixture(scope="session")
+def tiny_bench(data_home, tmp_path_factory):
+    "The built-in benchmark cut to 12 test identities (their queries and gallery images) and a few train images."
+    bench = toy_dataset(data_home / "toy", progress=False).bench
+    out = tmp_path_factory.mktemp("tiny_bench")
+    pids = sorted({f.name.split("_")[0] for f in (bench / "query").glob("*.jpg")})[:12]
+    for sub, keep in (("query", pids), ("bounding_box_test", pids), ("bounding_box_train", None)):
+        files = sorted((bench / sub).glob("*.jpg"))
+        files = [f for f in files if f.name.split("_")[0] in keep] if keep else files[:20]
+        (out / sub).mkdir()
+        for f in files: shutil.copy(f, out / sub / f.name)
+    return out
+
+
+def tiny_config(data, bench, out_dir, epochs, **kwargs):
+    "A run of seconds per epoch on `tiny_lmdb` / `tiny_bench`: 32x16 crops, global batch 16, correction and label guidance from epoch 1."
+    return PretrainConfig(**{**dict(data=str(data), bench=str(bench), out_dir=str(out_dir), epochs=epochs, batch_size=16,
+                                    img_size=(32, 16), lr=0.03, lr_steps=(), queue_size=64, correct_start=1,
+                                    label_guided_start=1, eval_every=0), **kwargs})
 
 
 def check_backbone(path, arch="resnet18"):
@@ -58,7 +73,6 @@ def check_backbone(path, arch="resnet18"):
 def test_parameters_cell_is_the_config():
     "The papermill parameters of nbs/03_pretrain.ipynb are exactly the fields of PretrainConfig, with its defaults."
     from dataclasses import asdict
-    from lupnl.pretrain import PretrainConfig
     nb = json.loads((REPO / "nbs" / "03_pretrain.ipynb").read_text())
     cells = [c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])]
     assert len(cells) == 1
@@ -79,7 +93,6 @@ def test_papermill_defaults(tmp_path, env):
     assert minutes <= 5, f"papermill with defaults took {minutes:.2f} min (limit 5)"
     assert (Path(env["LUPNL_DATA"]) / "toy" / "toy.json").exists()    # it generated the built-in data
     rows = read_metrics(out)
-    from lupnl.pretrain import PretrainConfig
     cfg = PretrainConfig()
     assert [r["epoch"] for r in rows] == list(range(cfg.epochs))
     for r in rows:
@@ -92,12 +105,13 @@ def test_papermill_defaults(tmp_path, env):
     assert (out / "metrics.png").stat().st_size > 0
 
 
-def test_kill_and_resume(tmp_path, env, tiny_lmdb):
+def test_kill_and_resume(tmp_path, env, tiny_lmdb, tiny_bench):
     "SIGKILL a run right after its first checkpoint; running it again resumes there and replays the uninterrupted run."
     epochs = 3
     cmd = [sys.executable, "-m", "lupnl.pretrain"]
     out = tmp_path / "killed"
-    proc = subprocess.Popen(cmd + tiny_args(tiny_lmdb, out, epochs), env=env, cwd=tmp_path,
+    args = config_args(tiny_config(tiny_lmdb, tiny_bench, out, epochs))
+    proc = subprocess.Popen(cmd + args, env=env, cwd=tmp_path,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 300
@@ -113,7 +127,7 @@ def test_kill_and_resume(tmp_path, env, tiny_lmdb):
     before = read_metrics(out)
     assert not (out / "backbone.pth").exists()
 
-    res = subprocess.run(cmd + tiny_args(tiny_lmdb, out, epochs), env=env, cwd=tmp_path, capture_output=True, text=True)
+    res = subprocess.run(cmd + args, env=env, cwd=tmp_path, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-3000:]
     assert f"resumed from {out / 'checkpoint.pth'} at epoch {resumed_at}" in res.stdout
     rows = read_metrics(out)
@@ -124,18 +138,18 @@ def test_kill_and_resume(tmp_path, env, tiny_lmdb):
 
     # every epoch reseeds from (seed, epoch, rank): the resumed run replays an uninterrupted one
     straight = tmp_path / "straight"
-    subprocess.run(cmd + tiny_args(tiny_lmdb, straight, epochs), env=env, cwd=tmp_path, check=True, capture_output=True)
+    subprocess.run(cmd + config_args(tiny_config(tiny_lmdb, tiny_bench, straight, epochs)), env=env, cwd=tmp_path, check=True,
+                   capture_output=True)
     ref = read_metrics(straight)
     for a, b in zip(rows, ref):
         for k in ("loss", "loss_cls", "loss_inst", "loss_proto", "corrected", "mAP"):
             if k in b: assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), (a["epoch"], k, a[k], b[k])
 
 
-def test_ddp_two_processes_gloo(tmp_path, env, tiny_lmdb):
+def test_ddp_two_processes_gloo(tmp_path, env, tiny_lmdb, tiny_bench):
     "torchrun with 2 CPU processes (gloo): completes; queue, prototypes, labels and weights agree across ranks; it learns."
     out, epochs = tmp_path / "ddp", 3
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "lupnl.pretrain", *tiny_args(tiny_lmdb, out, epochs), "--queue_size", "40", "--dump_state", "true"]
+    cmd = torchrun_command(tiny_config(tiny_lmdb, tiny_bench, out, epochs, queue_size=40, dump_state=True), 2)
     res = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-3000:]
     s0, s1 = (torch.load(out / f"state_rank{r}.pth", weights_only=True) for r in (0, 1))
