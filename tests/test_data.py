@@ -1,6 +1,6 @@
 """lupnl.data: LMDB round trip and errors, real-data benchmark readers, toy dataset noise and determinism,
 DataLoader workers over the LMDB, samplers."""
-import gc, io, os, pickle, shutil
+import io, os, pickle, shutil
 from pathlib import Path
 
 import numpy as np
@@ -185,8 +185,7 @@ def test_dataloader_worker_error_is_ours(small_lmdb):
     with pytest.raises(MissingKeyError) as e:
         next(it)
     assert str(e.value).startswith(f"key '000000777' (item 5) is not in the LMDB {root}\n[raised in DataLoader worker process")
-    del it, e
-    gc.collect()  # shut the workers down now (the traceback kept the iterator alive)
+    it._shutdown_workers()  # now: left to the garbage collector, torch's shutdown waits 5 s for the workers
 
 
 def test_two_view_transform(small_lmdb):
