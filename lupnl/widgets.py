@@ -6,7 +6,7 @@
 __all__ = ['to_png', 'image_getter', 'sample_by_label', 'umap_embed', 'label_centroids', 'nearest_labels', 'label_suspects',
            'ClusterExplorer', 'RetrievalBrowser', 'model_from_checkpoint']
 
-# %% ../nbs/06_widgets.ipynb #7ff50c14
+# %% ../nbs/06_widgets.ipynb #11f407e5
 import io, warnings
 from pathlib import Path
 import numpy as np
@@ -22,7 +22,7 @@ from .evaluate import extract_features, compute_distance, evaluate_rank
 from .pretrain import PretrainConfig, build_model, load_checkpoint, resolve_device
 from fastcore.basics import patch
 
-# %% ../nbs/06_widgets.ipynb #7b3994f1
+# %% ../nbs/06_widgets.ipynb #320b69bf
 def to_png(img, height=96):
     "PNG bytes of `img` (PIL image, HWC/CHW array or tensor, or image file path), resized to `height` pixels high."
     if isinstance(img, (str, Path)):
@@ -53,7 +53,7 @@ def image_getter(images):
         return item[0] if isinstance(item, tuple) else item
     return get
 
-# %% ../nbs/06_widgets.ipynb #54669c56
+# %% ../nbs/06_widgets.ipynb #b849e116
 def sample_by_label(labels, size=400, seed=0):
     "Sorted indices of a seeded sample of about `size` images made of whole labels (the last label drawn is cut to fit)."
     labels = np.asarray(labels)
@@ -65,7 +65,7 @@ def sample_by_label(labels, size=400, seed=0):
     idx = np.lexsort((np.arange(len(labels)), rank[inv]))  # images grouped by the label's draw order
     return np.sort(idx[:size])
 
-# %% ../nbs/06_widgets.ipynb #fcbf3466
+# %% ../nbs/06_widgets.ipynb #c560733d
 def umap_embed(features, n_neighbors=15, seed=0, min_dist=0.1):
     "Seeded 2-D UMAP embedding [n, 2] of `features` [n, d] under cosine distance."
     import umap  # slow import (numba): only when an embedding is needed
@@ -83,7 +83,7 @@ def umap_embed(features, n_neighbors=15, seed=0, min_dist=0.1):
                             precomputed_knn=(knn, dist, None))
         return reducer.fit_transform(x).astype(np.float32)
 
-# %% ../nbs/06_widgets.ipynb #614755ef
+# %% ../nbs/06_widgets.ipynb #46d242a1
 def _py(x):
     "A numpy scalar as the Python scalar (dropdown values must compare equal to plain ints / strings)."
     return x.item() if hasattr(x, "item") else x
@@ -133,7 +133,7 @@ def label_suspects(features, labels, true_labels=None):
         df["purity"] = t.agg(lambda s: s.value_counts().iloc[0] / len(s)).to_numpy()
     return df.sort_values(["score", "label"], na_position="last", kind="stable").reset_index(drop=True)
 
-# %% ../nbs/06_widgets.ipynb #6631356e
+# %% ../nbs/06_widgets.ipynb #c8784ae6
 _COLOR_NAMES = {"noisy": "noisy label", "corrected": "corrected label", "true": "true identity"}
 
 def _label_colors(values):
@@ -335,7 +335,7 @@ class ClusterExplorer:
             buttons.append(b)
         self.nearest_box.children = buttons
 
-# %% ../nbs/06_widgets.ipynb #fcc19435
+# %% ../nbs/06_widgets.ipynb #24cd87ba
 _MARKS = {"correct": ("#2a2", "&#10003; correct"), "wrong": ("#c00", "&#10007; wrong"),
           "same camera": ("#999", "same camera (ignored)")}
 
@@ -466,7 +466,7 @@ class RetrievalBrowser:
             cells.append(self._cell(self._thumb(self.get_gallery, "g", g), cap, color))
         self.results.children = cells
 
-# %% ../nbs/06_widgets.ipynb #10d6a99c
+# %% ../nbs/06_widgets.ipynb #6d89ade7
 class _LabelledItems(Dataset):
     "Items `idx` of a dataset of `(img, label, ...)` as the `(img, label, camid=-1)` batches `extract_features` reads."
     def __init__(self, dataset, idx): self.dataset, self.idx = dataset, np.asarray(idx)
@@ -495,7 +495,7 @@ def from_model(cls: ClusterExplorer, model, dataset, corrected=None, pool_size=1
     ex.pool = pool
     return ex
 
-# %% ../nbs/06_widgets.ipynb #07affaec
+# %% ../nbs/06_widgets.ipynb #09f43088
 def model_from_checkpoint(checkpoint, data=None, device="cpu"):
     "(model in eval mode, its `PretrainConfig`, the run's `LMDBDataset` with the test transform) from a `lupnl.pretrain` checkpoint."
     ckpt = load_checkpoint(checkpoint)
@@ -519,7 +519,7 @@ def from_checkpoint(cls: ClusterExplorer, checkpoint, data=None, device="cpu", *
     corrected = np.where(cur >= 0, ds.classes[np.clip(cur, 0, None)], -1)  # class index -> raw label
     return cls.from_model(model, ds, corrected=corrected, **kwargs)
 
-# %% ../nbs/06_widgets.ipynb #dc692f64
+# %% ../nbs/06_widgets.ipynb #1fbfe375
 @patch(cls_method=True)
 def from_model(cls: RetrievalBrowser, model, bench, size=(256, 128), batch_size=64, device=None, metric="cosine", **kwargs):
     "Browser of `model` on a benchmark (a `Benchmark` or its folder): features, distances and AP from `lupnl.evaluate`."
