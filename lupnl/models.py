@@ -7,7 +7,7 @@ __all__ = ['ARCHS', 'EncoderOutput', 'ABLATIONS', 'world_size', 'concat_all_gath
            'resnet_trunk', 'Encoder', 'momentum_update_', 'enqueue_', 'update_prototypes_loop_', 'update_prototypes_',
            'correct_labels', 'instance_loss', 'PNL', 'LoadReport', 'load_pretrained', 'export_backbone']
 
-# %% ../nbs/02_models.ipynb #9f36959f
+# %% ../nbs/02_models.ipynb #8e7efdec
 import math
 from collections import namedtuple
 from dataclasses import dataclass, field
@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-# %% ../nbs/02_models.ipynb #aeb6f47f
+# %% ../nbs/02_models.ipynb #1a310645
 def world_size():
     "Number of processes in the default `torch.distributed` group (1 when not distributed)."
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
@@ -34,7 +34,7 @@ def concat_all_gather(tensor):
     dist.all_gather(out, tensor)
     return torch.cat(out)
 
-# %% ../nbs/02_models.ipynb #4f82aec1
+# %% ../nbs/02_models.ipynb #37efdd37
 def _like(x, ref):
     "`x` in the memory format of `ref` (keeps channels_last images channels_last after gather / indexing)."
     if ref.dim() == 4 and ref.is_contiguous(memory_format=torch.channels_last):
@@ -60,7 +60,7 @@ def batch_unshuffle_ddp(x, idx_unshuffle):
     rank = dist.get_rank() if world_size() > 1 else 0
     return x_all[idx_unshuffle.view(-1, n)[rank]]
 
-# %% ../nbs/02_models.ipynb #fc21c15d
+# %% ../nbs/02_models.ipynb #c9b3ce2d
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 EncoderOutput = namedtuple("EncoderOutput", "feat emb logits")
 EncoderOutput.__doc__ = "Train-mode output of `Encoder`: pooled feature, normalised embedding (or None), class logits (or None)."
@@ -113,7 +113,7 @@ class Encoder(nn.Module):
         if not self.training: return F.normalize(feat, dim=1)
         return EncoderOutput(feat, self.project(feat), self.classify(feat))
 
-# %% ../nbs/02_models.ipynb #fa17a005
+# %% ../nbs/02_models.ipynb #8c9731b0
 @torch.no_grad()
 def momentum_update_(target, source, m):
     "EMA `target <- m * target + (1 - m) * source` over the parameters of `target`, matched to `source` by name."
@@ -125,7 +125,7 @@ def momentum_update_(target, source, m):
     torch._foreach_mul_(ps_t, m)
     torch._foreach_add_(ps_t, ps_s, alpha=1 - m)
 
-# %% ../nbs/02_models.ipynb #98de7afe
+# %% ../nbs/02_models.ipynb #7649c030
 @torch.no_grad()
 def enqueue_(queue, queue_labels, ptr, keys, labels):
     "Write `keys` [n, d] and `labels` [n] into the ring buffer `queue` [K, d] / `queue_labels` [K] at `ptr` (1-element long tensor), wrapping around."
@@ -136,7 +136,7 @@ def enqueue_(queue, queue_labels, ptr, keys, labels):
     queue_labels[idx] = labels.to(queue_labels.dtype)
     ptr.add_(n).remainder_(K)
 
-# %% ../nbs/02_models.ipynb #5e60f672
+# %% ../nbs/02_models.ipynb #a31b7d61
 @torch.no_grad()
 def update_prototypes_loop_(prototypes, feats, labels, m):
     "Reference (LUPerson-NL / MoPro) update: sequential `p[y] = m p[y] + (1-m) f` per sample, then renormalise every row."
@@ -160,7 +160,7 @@ def update_prototypes_(prototypes, feats, labels, m):
     rows.div_(rows.norm(dim=1, keepdim=True).clamp_min_(1e-12))      # = F.normalize
     prototypes.index_copy_(0, uniq, rows)
 
-# %% ../nbs/02_models.ipynb #7578575d
+# %% ../nbs/02_models.ipynb #a0806d17
 @torch.no_grad()
 def correct_labels(cls_logits, proto_logits, labels, alpha=0.5, threshold=0.8):
     "Soft label `alpha*softmax(cls_logits) + (1-alpha)*softmax(proto_logits)`; where its max > threshold the label becomes its argmax. Returns (targets, corrected)."
@@ -169,7 +169,7 @@ def correct_labels(cls_logits, proto_logits, labels, alpha=0.5, threshold=0.8):
     corrected = score > threshold
     return torch.where(corrected, pseudo, labels), corrected
 
-# %% ../nbs/02_models.ipynb #9d63ce9f
+# %% ../nbs/02_models.ipynb #fa37df54
 def instance_loss(q, k, queue, T, queue_labels=None, targets=None):
     "MoCo loss of queries `q` vs own keys `k` and the `queue`; label-guided when `queue_labels` and `targets` are given. Returns (loss, top-1 accuracy %)."
     l_pos = (q * k).sum(dim=1, keepdim=True)
@@ -184,7 +184,7 @@ def instance_loss(q, k, queue, T, queue_labels=None, targets=None):
         hit = pos.gather(1, logits.argmax(dim=1, keepdim=True)).squeeze(1)
     return loss, 100 * hit.float().mean()
 
-# %% ../nbs/02_models.ipynb #3753bbd9
+# %% ../nbs/02_models.ipynb #5676bc1e
 ABLATIONS = {
     "pnl":             dict(use_cls=True,  use_proto=True,  use_instance=True,  use_correction=True,  use_label_guided=True),
     "ce":              dict(use_cls=True,  use_proto=False, use_instance=False, use_correction=False, use_label_guided=False),
@@ -324,7 +324,7 @@ class PNL(nn.Module):
             if labels is not None: res.update(all_targets=all_targets, all_corrected=concat_all_gather(corrected))
         return res
 
-# %% ../nbs/02_models.ipynb #8b0c61e1
+# %% ../nbs/02_models.ipynb #572a5143
 _TRUNK_TOP = ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4")
 _NOT_TRUNK = ("encoder_k", "queue", "queue_labels", "queue_ptr", "queue_id", "prototypes", "fc", "fc1", "fc2",
               "embed_fc", "classifier", "bottleneck", "proj")
@@ -378,7 +378,7 @@ def _trunk_key(key):
     if key.startswith("trunk."): key = key[len("trunk."):]
     return None if key.split(".")[0] in _NOT_TRUNK else key
 
-# %% ../nbs/02_models.ipynb #91107501
+# %% ../nbs/02_models.ipynb #d18596df
 def load_pretrained(model, path_or_state, strict_arch=True, verbose=True):
     "Load the ResNet trunk of a LUPerson / LUPerson-NL / lupnl checkpoint into `model` (PNL, Encoder, torchvision ResNet or DDP of them); returns a `LoadReport`."
     state, name = _read_state(path_or_state)

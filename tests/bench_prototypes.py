@@ -51,7 +51,7 @@ def main():
     ap.add_argument("--classes", type=int, default=430_000)
     ap.add_argument("--batch", type=int, default=1536)
     ap.add_argument("--dim", type=int, default=128)
-    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: robust on a shared machine)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--plot", default=str(REPO / "images" / "models_prototype_update_bench.png"))
