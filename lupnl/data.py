@@ -11,7 +11,7 @@ __all__ = ['LABEL_FIELDS', 'IMG_EXTS', 'Item', 'IMAGENET_MEAN', 'IMAGENET_STD', 
            'pretrain_weak_transform', 'pretrain_strong_transform', 'denormalize', 'PKSampler', 'DistributedPKSampler',
            'DistributedShuffleSampler', 'simulate_noise', 'measure_noise', 'ToyData', 'make_toy_dataset', 'toy_dataset']
 
-# %% ../nbs/00_data.ipynb #2e61e4de
+# %% ../nbs/00_data.ipynb #a60ca154
 import io, os, re, json, pickle, shutil, uuid, time, warnings
 from collections import namedtuple
 from dataclasses import dataclass
@@ -26,7 +26,7 @@ from torch.utils.data import Dataset, Sampler, DistributedSampler
 from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
-# %% ../nbs/00_data.ipynb #44100c70
+# %% ../nbs/00_data.ipynb #e11fb3bc
 class DataError(Exception):
     "A problem with the data: the message names the file (and key) and what is wrong."
     def __init__(self, msg=""):
@@ -54,7 +54,7 @@ def _require(path, what):
     if not p.exists(): raise DataNotFoundError(f"{what} not found: {p}")
     return p
 
-# %% ../nbs/00_data.ipynb #4bc1f3b0
+# %% ../nbs/00_data.ipynb #6fe369e8
 LABEL_FIELDS = ("pids", "vids")  # label fields of keys.pkl, in auto-detection order
 
 _SAFE_GLOBALS = {("builtins", n) for n in ("dict", "list", "tuple", "set", "frozenset", "str", "bytes",
@@ -91,7 +91,7 @@ def load_keys(path):
             raise DataError(f"{f}: '{fld}' has {len(d[fld])} entries but 'keys' has {n}")
     return d
 
-# %% ../nbs/00_data.ipynb #ddb297fe
+# %% ../nbs/00_data.ipynb #d0e8bac8
 def write_lmdb(out_dir, items, map_size=None, extra=None, label_field="pids", total=None, progress=True):
     "Write `items` = iterable of `(image_bytes, label or None)` as a LUPerson-NL LMDB + keys.pkl in `out_dir`; returns the folder."
     out = Path(out_dir)
@@ -133,7 +133,7 @@ def write_lmdb(out_dir, items, map_size=None, extra=None, label_field="pids", to
     os.replace(tmpf, out / "keys.pkl")
     return out
 
-# %% ../nbs/00_data.ipynb #156570ad
+# %% ../nbs/00_data.ipynb #04967c22
 IMG_EXTS = (".jpg", ".jpeg", ".png", ".bmp")
 
 def _int_or_none(s):
@@ -159,7 +159,7 @@ def write_lmdb_from_folder(folder, out_dir, map_size=None, label_field="pids", p
     return write_lmdb(out_dir, items, map_size=map_size, extra=extra, label_field=label_field,
                       total=len(files), progress=progress)
 
-# %% ../nbs/00_data.ipynb #4a483e36
+# %% ../nbs/00_data.ipynb #ca296acd
 _ENVS = {}  # realpath -> (pid, ident, env): one read-only handle per LMDB per process
 
 def _open_lmdb(path, ident=None):
@@ -244,14 +244,14 @@ class LMDBDataset(Dataset):
     def __repr__(self):
         return f"LMDBDataset({str(self.root)!r}: {len(self)} images, {self.num_classes} classes from '{self.label_field}')"
 
-# %% ../nbs/00_data.ipynb #f6a39ede
+# %% ../nbs/00_data.ipynb #58d53e07
 class TwoViewTransform:
     "Two augmented views of one image, `(weak(img), strong(img))`, for pre-training with `LMDBDataset`."
     def __init__(self, weak, strong): self.weak, self.strong = weak, strong
     def __call__(self, img): return self.weak(img), self.strong(img)
     def __repr__(self): return f"TwoViewTransform(weak={self.weak!r}, strong={self.strong!r})"
 
-# %% ../nbs/00_data.ipynb #c69e217a
+# %% ../nbs/00_data.ipynb #38b4661a
 Item = namedtuple("Item", "path pid camid")
 
 @dataclass(repr=False)
@@ -273,7 +273,7 @@ class Benchmark:
     def __repr__(self):
         return f"Benchmark({self.name!r}, train={len(self.train)}, query={len(self.query)}, gallery={len(self.gallery)})"
 
-# %% ../nbs/00_data.ipynb #c7badc9e
+# %% ../nbs/00_data.ipynb #151a6cb9
 _MARKET_RE = re.compile(r"^(-?\d+)_c(\d+)")
 
 def _read_market_dir(d):
@@ -307,7 +307,7 @@ def read_cuhk03_np(root, kind="labeled"):
     if kind not in ("labeled", "detected"): raise ValueError(f"kind must be 'labeled' or 'detected', not {kind!r}")
     return _read_market_layout(_require(root, "CUHK03-NP root") / kind, f"cuhk03_np_{kind}")
 
-# %% ../nbs/00_data.ipynb #a4159841
+# %% ../nbs/00_data.ipynb #58b68178
 def _read_msmt_list(list_file, img_dir):
     items = []
     for ln, line in enumerate(_require(list_file, "MSMT17 list file").read_text().splitlines(), 1):
@@ -333,7 +333,7 @@ def read_msmt17(root):
     return Benchmark("msmt17", train, _read_msmt_list(root / "list_query.txt", test_dir),
                      _read_msmt_list(root / "list_gallery.txt", test_dir))
 
-# %% ../nbs/00_data.ipynb #65e3433e
+# %% ../nbs/00_data.ipynb #936c4d2d
 _CUHK_PAIR_RE = re.compile(r"^(\d+)_(\d+)\.")
 
 def _read_cuhk_pair_dir(d, offset=0):
@@ -354,7 +354,7 @@ def read_cuhk03_pairs(root):
     val = _read_cuhk_pair_dir(root / "labeled" / "val", offset=max(i.pid for i in train) + 1)
     return Benchmark("cuhk03_pairs", train, [i for i in val if i.camid == 0], [i for i in val if i.camid == 1])
 
-# %% ../nbs/00_data.ipynb #2c0ee816
+# %% ../nbs/00_data.ipynb #6d4c8421
 _MARS_RE = re.compile(r"^(\d{4}|00-1)C(\d)T(\d{4})F(\d{3})")
 
 def read_mars(root):
@@ -373,7 +373,7 @@ def read_mars(root):
                 for p in t["img_paths"] if int(t["pid"]) != -1]
     return Benchmark("mars", train, split("query"), split("gallery"))
 
-# %% ../nbs/00_data.ipynb #c7ca575a
+# %% ../nbs/00_data.ipynb #4a2d1d79
 def read_benchmark(root, name=None):
     "Read a benchmark, picking the reader from `name` or, when `None`, from the folder layout."
     readers = {"market1501": read_market1501, "dukemtmc": read_dukemtmc, "msmt17": read_msmt17,
@@ -390,7 +390,7 @@ def read_benchmark(root, name=None):
     if name not in readers: raise ValueError(f"unknown benchmark {name!r}; one of {sorted(readers)}")
     return readers[name](root)
 
-# %% ../nbs/00_data.ipynb #bddf977a
+# %% ../nbs/00_data.ipynb #e502d352
 def _open_image(path):
     try: return Image.open(path).convert("RGB")
     except FileNotFoundError: raise DataNotFoundError(f"image not found: {path}")
@@ -411,7 +411,7 @@ class ImageDataset(Dataset):
         if self.transform is not None: img = self.transform(img)
         return img, int(self.targets[i]), int(self.camids[i])
 
-# %% ../nbs/00_data.ipynb #55fa691f
+# %% ../nbs/00_data.ipynb #1abffdf6
 def _check_ratio(ratio):
     if not 0 < ratio <= 1: raise ValueError(f"ratio must be in (0, 1], got {ratio}")
 
@@ -433,7 +433,7 @@ def subset_shots(items, ratio, seed=0):
         keep.update(rng.choice(js, max(1, round(ratio * len(js))), replace=False).tolist())
     return [it for j, it in enumerate(items) if j in keep]
 
-# %% ../nbs/00_data.ipynb #e4d62b06
+# %% ../nbs/00_data.ipynb #edcac617
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 def _finish(mean, std):
@@ -466,7 +466,7 @@ def denormalize(x, mean=IMAGENET_MEAN, std=IMAGENET_STD):
     m, s = torch.tensor(mean).view(-1, 1, 1), torch.tensor(std).view(-1, 1, 1)
     return ((x.detach().cpu().float() * s + m).clamp(0, 1) * 255).round().to(torch.uint8)
 
-# %% ../nbs/00_data.ipynb #fadc1c28
+# %% ../nbs/00_data.ipynb #b4bde87f
 def _dist_info(num_replicas=None, rank=None):
     "`(num_replicas, rank)`, defaulting to torch.distributed when initialised, else `(1, 0)`."
     if num_replicas is None or rank is None:
@@ -540,7 +540,7 @@ class DistributedShuffleSampler(DistributedSampler):
         self.epoch += 1
         return it
 
-# %% ../nbs/00_data.ipynb #106ac5b2
+# %% ../nbs/00_data.ipynb #6ebb0c35
 def _rank_within(groups, rng):
     "For each element, its rank among the elements of the same group, in a random order."
     perm = rng.permutation(len(groups))
@@ -625,7 +625,7 @@ def simulate_noise(labels, split=0., merge=0., flip=0., junk=0., seed=0):
     _, noisy = np.unique(noisy, return_inverse=True)
     return rng.permutation(noisy.max() + 1)[noisy], true
 
-# %% ../nbs/00_data.ipynb #df3eb070
+# %% ../nbs/00_data.ipynb #8b7a6af4
 def measure_noise(noisy, true, min_images=2):
     """Noise rates from noisy labels and true identities (true -1 = junk). With owner(label) = the true identity
     with most non-junk images in it (ties: smallest id) and a group = the images of one identity in one label:
@@ -656,7 +656,7 @@ def measure_noise(noisy, true, min_images=2):
                 mixing=float(np.bincount(np.searchsorted(labels_u, pairs[:, 0])).mean()),
                 n_images=len(true), n_ids=len(ids_u), n_labels=len(np.unique(noisy)))
 
-# %% ../nbs/00_data.ipynb #b0343662
+# %% ../nbs/00_data.ipynb #887cc117
 TOY_VERSION = 4
 _SKIN = np.array([[.96, .80, .69], [.90, .70, .55], [.76, .57, .42], [.55, .38, .26], [.36, .24, .16]])
 _HAIR = np.array([[.08, .06, .05], [.25, .15, .08], [.55, .38, .18], [.85, .72, .45], [.62, .62, .62], [.55, .2, .1]])
@@ -691,7 +691,7 @@ def _toy_cameras(rng, n):
                 blur=np.where(rng.random(n) < 0.5, rng.uniform(0.4, 0.9, n), 0),
                 front=rng.uniform(0.2, 0.8, n))
 
-# %% ../nbs/00_data.ipynb #21ecda52
+# %% ../nbs/00_data.ipynb #c2c9c2dd
 def _limb(xx, yy, x0, y0, x1, y1, r):
     "Mask of a thick, mostly vertical segment (x0, y0)-(x1, y1) of half-width `r`, drawn as horizontal spans; arguments (B,1,1)."
     t = np.clip((yy - y0) / (y1 - y0), 0, 1)  # (B,H,1)
@@ -822,7 +822,7 @@ def _jpeg(a, quality=90):
     Image.fromarray(a).save(b, format="JPEG", quality=quality)
     return b.getvalue()
 
-# %% ../nbs/00_data.ipynb #3f45a2e7
+# %% ../nbs/00_data.ipynb #2e28b37d
 @dataclass
 class ToyData:
     "Where a toy dataset lives: `lmdb` = the LUPerson-NL-format folder, `bench` = the Market-style folder."
@@ -890,7 +890,7 @@ def make_toy_dataset(root, n_ids=200, n_cams=6, imgs_per_id=(8, 22), n_bench_ids
     (out.root / "toy.json").write_text(json.dumps(info, indent=1))
     return out
 
-# %% ../nbs/00_data.ipynb #ff6209cb
+# %% ../nbs/00_data.ipynb #fc933974
 def _toy_params(**kwargs):
     "The full, JSON-normalised generator parameters (defaults filled in)."
     import inspect

@@ -10,7 +10,7 @@ __all__ = ['NOISE_RATES', 'MOT_COLUMNS', 'VIDEO_EXTS', 'Crop', 'keys_info', 'lab
            'frame_sizes', 'read_frames', 'plan_crops', 'cut_crops', 'crops_from_tracks', 'mot_sequences',
            'tracks_to_lmdb']
 
-# %% ../nbs/01_inspect.ipynb #81b46152
+# %% ../nbs/01_inspect.ipynb #0a2de2e2
 import io
 from collections import namedtuple
 from pathlib import Path
@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from .data import (IMG_EXTS, LABEL_FIELDS, DataError, DataNotFoundError, LMDBDataset, Benchmark, Item, load_keys,
                         measure_noise, simulate_noise, write_lmdb)
 
-# %% ../nbs/01_inspect.ipynb #8ae7172f
+# %% ../nbs/01_inspect.ipynb #0033523e
 def keys_info(src):
     "The `keys.pkl` contents of `src` (LMDB folder, keys file, `load_keys` dict or `LMDBDataset`) as a dict; reads no image."
     if isinstance(src, dict): return src
@@ -64,7 +64,7 @@ def label_sources(src):
     if "camids" in info: return np.asarray(info["camids"]), "camids"
     return None, None
 
-# %% ../nbs/01_inspect.ipynb #38dc15cf
+# %% ../nbs/01_inspect.ipynb #6c789405
 def _labels_per_source(labels, sources):
     "Number of distinct labels (>= 0) per source -> Series."
     ok = np.asarray(labels) >= 0
@@ -94,7 +94,7 @@ def label_stats(src, label_field=None):
         per["sources"] = df.groupby("label").source.nunique().reindex(ul).to_numpy()
     return s, per
 
-# %% ../nbs/01_inspect.ipynb #20756e52
+# %% ../nbs/01_inspect.ipynb #f151b726
 def plot_label_stats(src, label_field=None, axes=None):
     "Histograms of images per label and labels per source (from `keys.pkl` alone) -> figure."
     info = keys_info(src)
@@ -116,7 +116,7 @@ def plot_label_stats(src, label_field=None, axes=None):
     fig.tight_layout()
     return fig
 
-# %% ../nbs/01_inspect.ipynb #e4fb4ff9
+# %% ../nbs/01_inspect.ipynb #2b00af00
 def sample_indices(n, n_sample, seed=0):
     "A seeded sample of at most `n_sample` of `range(n)`, sorted (all of them when `n <= n_sample`)."
     if n_sample is None or n <= n_sample: return np.arange(n)
@@ -144,7 +144,7 @@ def image_sizes(src, n_sample=500, seed=0):
     return pd.DataFrame({"width": wh[:, 0], "height": wh[:, 1], "aspect": wh[:, 0] / np.maximum(wh[:, 1], 1)},
                         index=pd.Index(idx, name="item"))
 
-# %% ../nbs/01_inspect.ipynb #ea688179
+# %% ../nbs/01_inspect.ipynb #36479535
 def plot_image_sizes(sizes, axes=None):
     "Scatter of sampled image widths × heights and the histogram of their aspect ratios (w/h) -> figure."
     if axes is None: fig, axes = plt.subplots(1, 2, figsize=(9, 3))
@@ -157,7 +157,7 @@ def plot_image_sizes(sizes, axes=None):
     fig.tight_layout()
     return fig
 
-# %% ../nbs/01_inspect.ipynb #104e173d
+# %% ../nbs/01_inspect.ipynb #f20f096a
 def plot_grid(rows, titles=None, captions=None, cell=(48, 96), scale=1.5):
     """Draw rows of images (PIL images or arrays) as one mosaic — each image fitted into a `cell` (w, h) box —
     with a title per row and an optional caption per image -> figure."""
@@ -217,7 +217,7 @@ def sample_grid(src, n_ids=6, per_id=6, seed=0, field=None, annotate=None, value
         caps.append([extra[i] for i in pick] if extra is not None else [])
     return plot_grid(rows, titles, caps if extra is not None else None, cell=cell)
 
-# %% ../nbs/01_inspect.ipynb #dd1973d5
+# %% ../nbs/01_inspect.ipynb #56a8f558
 def plot_summary(src, n_sample=500, seed=0, label_field=None):
     "Four panels: images per label, labels per source (keys.pkl only), and sampled image sizes and aspect ratios -> figure."
     ds = _as_images(src)
@@ -227,7 +227,7 @@ def plot_summary(src, n_sample=500, seed=0, label_field=None):
     fig.tight_layout()
     return fig
 
-# %% ../nbs/01_inspect.ipynb #ef1ff2a8
+# %% ../nbs/01_inspect.ipynb #5b8e7de6
 def valid_queries(bench):
     "Boolean array: does each query have a gallery image of its pid from another camera?"
     cams = {}
@@ -265,7 +265,7 @@ def plot_cameras(bench, ax=None):
     fig.tight_layout()
     return fig
 
-# %% ../nbs/01_inspect.ipynb #16aaa401
+# %% ../nbs/01_inspect.ipynb #65cc1a0f
 def _dense(a):
     "(distinct values, code of each element): non-negative integer labels that are not too sparse are used as they are."
     a = np.asarray(a)
@@ -320,7 +320,7 @@ def purity(labels, true):
     ok = true >= 0
     return float((_owner_of(labels[ok], ul, owner) == true[ok]).mean()) if ok.any() else float("nan")
 
-# %% ../nbs/01_inspect.ipynb #e9d5ab42
+# %% ../nbs/01_inspect.ipynb #4c093e54
 def noise_report(noisy, true, min_images=2):
     """The noise of labels `noisy` against identities `true` (-1 = junk): the rates of `measure_noise` plus
     `per_identity` (images, labels = fragmentation) and `per_label` (images, junk, identities = mixing, owner,
@@ -346,7 +346,7 @@ def noise_report(noisy, true, min_images=2):
                              index=pd.Index(ul, name="label"))[present]
     return dict(rates, per_identity=per_identity, per_label=per_label)
 
-# %% ../nbs/01_inspect.ipynb #b23b42e2
+# %% ../nbs/01_inspect.ipynb #6051fed5
 NOISE_RATES = ("purity", "split", "merge", "flip", "junk")
 
 def plot_noise_report(report, requested=None, title=None):
@@ -371,7 +371,7 @@ def plot_noise_report(report, requested=None, title=None):
     fig.tight_layout()
     return fig
 
-# %% ../nbs/01_inspect.ipynb #ea9584de
+# %% ../nbs/01_inspect.ipynb #1fbc98ba
 def compare_labelings(true, before, after):
     "Score relabelling `before` -> `after` against identities `true` (-1 = junk) -> dict (see above)."
     true, before, after = np.asarray(true, np.int64), np.asarray(before), np.asarray(after)
@@ -391,7 +391,7 @@ def compare_labelings(true, before, after):
                 n_wrong_before=n_wrong, n_fixed=int((wrong & ok_after).sum()),
                 n_broken=int((real & ok_before & ~ok_after).sum()))
 
-# %% ../nbs/01_inspect.ipynb #719896a0
+# %% ../nbs/01_inspect.ipynb #ee086f6f
 def noisy_lmdb(items, out_dir, split=0., merge=0., flip=0., junk=0., seed=0, progress=True):
     """Write benchmark `items` (`Item(path, pid, camid)`) as a LUPerson-NL LMDB whose `pids` carry simulated
     noise; `keys.pkl` also holds `true_pids` (-1 = junk), `camids` and the source `files`. Returns the folder."""
@@ -402,7 +402,7 @@ def noisy_lmdb(items, out_dir, split=0., merge=0., flip=0., junk=0., seed=0, pro
     data = ((Path(it.path).read_bytes(), int(l)) for it, l in zip(items, noisy))
     return write_lmdb(out_dir, data, extra=extra, total=len(items), progress=progress)
 
-# %% ../nbs/01_inspect.ipynb #aedf7702
+# %% ../nbs/01_inspect.ipynb #24bc5ffc
 MOT_COLUMNS = ("frame", "id", "x", "y", "w", "h", "conf", "cls", "vis")
 
 def read_mot(path):
@@ -424,7 +424,7 @@ def read_mot(path):
     df["vis"] = raw[8] if ncol == 9 else 1.0
     return df.astype(dtypes)
 
-# %% ../nbs/01_inspect.ipynb #2f9e5f8c
+# %% ../nbs/01_inspect.ipynb #9e2d9f9e
 VIDEO_EXTS = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg")
 
 def clip_boxes(x, y, w, h, width, height):
@@ -483,7 +483,7 @@ def _numbered(seq, wanted, last):
         if last is not None and f > last: break
         if wanted is None or f in wanted: yield f, fr.convert("RGB")
 
-# %% ../nbs/01_inspect.ipynb #24593243
+# %% ../nbs/01_inspect.ipynb #10293573
 Crop = namedtuple("Crop", "image video track frame box")
 Crop.__doc__ = "A cropped box: PIL `image`, `video` name, `track` id, `frame` number and clipped pixel `box` (x0, y0, x1, y1)."
 
@@ -523,7 +523,7 @@ def crops_from_tracks(frames, tracks, video=None, **filters):
     "Yield a `Crop` for every tracked box of `tracks` (MOT txt path or `read_mot` table) in `frames` that passes the `plan_crops` filters."
     yield from cut_crops(frames, plan_crops(frames, tracks, video, **filters))
 
-# %% ../nbs/01_inspect.ipynb #0245c300
+# %% ../nbs/01_inspect.ipynb #73b5502f
 def mot_sequences(root):
     "The MOT sequence folders (holding `img1/`) in `root`, sorted; `root` itself when it is one."
     root = Path(root)

@@ -4,7 +4,7 @@ on random matrices with ties / junk / distractors and on real OSNet features; ch
 torchreid and fast-reid cannot be imported as packages here (torchreid needs cv2, fast-reid pins torch 1.13), so their
 pure-python `metrics/rank.py`, `utils/rerank.py`, `metrics/distance.py` and `evaluation/query_expansion.py` are loaded by
 path from the installed packages (`pip install torchreid==0.2.5` and `pip install --no-deps fastreid==1.4.0`)."""
-import importlib.util, json, os, subprocess, sys, textwrap, types, warnings
+import importlib.util, json, os, subprocess, sys, textwrap, time, types, warnings
 from pathlib import Path
 
 import numpy as np
@@ -424,3 +424,21 @@ def test_rank_result_repr_and_dict():
     r = evaluate_rank(D, [1], [2, 1, 1, 3, 4, 1], [0], [1, 0, 1, 1, 1, 2], max_rank=5)
     assert isinstance(r, RankResult) and "mAP=0.5000" in repr(r)
     assert r.as_dict(percent=True) == {"mAP": 50.0, "rank1": 0.0, "rank5": 100.0, "mINP": 50.0, "num_valid": 1}
+
+
+# ------------------------------------------------------------------------------------------ papermill
+
+
+def test_papermill_defaults(tmp_path):
+    "The evaluation chapter runs headless with its defaults on the built-in data, in a few minutes."
+    t0 = time.time()
+    res = subprocess.run([sys.executable, "-m", "papermill", "nbs/05_evaluate.ipynb", str(tmp_path / "out.ipynb"),
+                          "--log-level", "WARNING"], cwd=REPO, capture_output=True, text=True,
+                         env={**os.environ, "MPLBACKEND": "Agg", "OMP_WAIT_POLICY": "PASSIVE"})
+    minutes = (time.time() - t0) / 60
+    assert res.returncode == 0, res.stderr[-3000:]
+    print(f"papermill 05_evaluate with defaults: {minutes:.2f} min")
+    assert minutes <= 5, f"papermill 05_evaluate took {minutes:.2f} min"
+    cells = json.loads((tmp_path / "out.ipynb").read_text())["cells"]
+    code = [c for c in cells if c["cell_type"] == "code"]
+    assert code and all(c["metadata"]["papermill"]["status"] == "completed" for c in code)
