@@ -6,7 +6,7 @@
 __all__ = ['METRICS', 'extract_features', 'compute_distance', 'RankResult', 'evaluate_rank', 'evaluate_features', 're_ranking',
            'average_query_expansion', 'plot_retrieval', 'evaluate', 'OnnxModel']
 
-# %% ../nbs/05_evaluate.ipynb #e7ff6206
+# %% ../nbs/05_evaluate.ipynb #c25c966a
 import math
 from collections import namedtuple
 from pathlib import Path
@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from .data import ImageDataset, read_benchmark, reid_test_transform
 
-# %% ../nbs/05_evaluate.ipynb #14bc50ad
+# %% ../nbs/05_evaluate.ipynb #7213ce89
 def _model_device(model):
     "The device of the model's first parameter or buffer (CPU for a parameter-free module)."
     for t in list(model.parameters()) + list(model.buffers()): return t.device
@@ -60,7 +60,7 @@ def extract_features(model, loader, device=None, flip=False, normalize=True, amp
     if not feats: raise ValueError("extract_features got an empty loader")
     return torch.cat(feats), torch.cat(pids).long(), torch.cat(camids).long()
 
-# %% ../nbs/05_evaluate.ipynb #d1d0c07c
+# %% ../nbs/05_evaluate.ipynb #0a6c2030
 METRICS = ("cosine", "euclidean")
 
 def _default_chunk(G):
@@ -95,7 +95,7 @@ def compute_distance(qf, gf, metric="cosine", chunk=None):
     for a in range(0, len(qf), chunk): out[a:a + chunk] = dist(qf[a:a + chunk])
     return out
 
-# %% ../nbs/05_evaluate.ipynb #14f8f895
+# %% ../nbs/05_evaluate.ipynb #8476d357
 def _f32_key(v):
     "Integer keys in [0, 2**32) with the order of the float32 values `v` (-0.0 == 0.0; no NaN): uint32 for numpy, int64 for torch."
     if isinstance(v, np.ndarray):
@@ -147,7 +147,7 @@ def _count_below(D, dmax, junk, s, use_numpy=None):
     less = torch.searchsorted(keys, tk) - row0
     return less, torch.searchsorted(keys, tk, right=True) - row0 - less
 
-# %% ../nbs/05_evaluate.ipynb #06a00f15
+# %% ../nbs/05_evaluate.ipynb #0922148b
 class _Members:
     "For each query, the gallery indices that share its pid (ascending), from the gallery grouped by pid."
     def __init__(self, g_pids):
@@ -208,7 +208,7 @@ def _rank_true_matches(D, qp, qc, gp, gc, members, junk, use_numpy=None):
         negless[ti, tj] += cnt
     return npos, torch.where(ok, slot + negless, 0)
 
-# %% ../nbs/05_evaluate.ipynb #3b32cd96
+# %% ../nbs/05_evaluate.ipynb #baa25b4f
 def _cuhk03_cmc(D, qp, qc, gp, gc, junk, max_rank, rs, repeats=10):
     "torchreid's single-gallery-shot CMC, query by query: `[c, max_rank]` (NaN rows for queries without a true match)."
     D, qp, qc, gp, gc = (x.detach().cpu().numpy() for x in (D, qp, qc, gp, gc))
@@ -231,7 +231,7 @@ def _cuhk03_cmc(D, qp, qc, gp, gc, junk, max_rank, rs, repeats=10):
         out[q] = (r[:, None] <= ranks).sum(0) / repeats
     return out
 
-# %% ../nbs/05_evaluate.ipynb #0aa10b69
+# %% ../nbs/05_evaluate.ipynb #b3c8e07d
 class RankResult(namedtuple("RankResult", "cmc mAP mINP num_valid query_ap")):
     "Retrieval scores (fractions): `cmc[k-1]` = rank-k, `mAP`, `mINP`, `num_valid` queries, per-query AP (NaN: no true match)."
     __slots__ = ()
@@ -309,7 +309,7 @@ def evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=50, ap="
     return _rank_rows(lambda a, b: D[a:b], *D.shape, q_pids, g_pids, q_camids, g_camids, device, max_rank, ap,
                       cuhk03, junk_pid, seed, chunk, progress)
 
-# %% ../nbs/05_evaluate.ipynb #ae90f81e
+# %% ../nbs/05_evaluate.ipynb #a4dfe2b9
 def evaluate_features(qf, gf, q_pids, g_pids, q_camids, g_camids, metric="cosine", max_rank=50, ap="standard",
                       cuhk03=False, junk_pid=None, seed=0, chunk=None, progress=None):
     "`evaluate_rank` straight from query / gallery features: each chunk's distances are computed, ranked and dropped."
@@ -318,7 +318,7 @@ def evaluate_features(qf, gf, q_pids, g_pids, q_camids, g_camids, metric="cosine
     return _rank_rows(lambda a, b: dist(qf[a:b]), len(qf), len(gf), q_pids, g_pids, q_camids, g_camids, qf.device,
                       max_rank, ap, cuhk03, junk_pid, seed, chunk, progress)
 
-# %% ../nbs/05_evaluate.ipynb #5c13d993
+# %% ../nbs/05_evaluate.ipynb #d0ad155f
 def _merge_rows(idx, val, N, add):
     "Per row: sort the column indices, merge duplicates (adding their values with `add`, else keeping one), pad with `N` / 0, trim."
     idx, o = torch.sort(idx, dim=1)
@@ -393,7 +393,7 @@ def re_ranking(q_g_dist, q_q_dist, g_g_dist, k1=20, k2=6, lambda_value=0.3, chun
     jaccard = 1 - inter / (2. - inter)
     return jaccard * (1 - lambda_value) + O[:Q, Q:] * lambda_value
 
-# %% ../nbs/05_evaluate.ipynb #a9295779
+# %% ../nbs/05_evaluate.ipynb #c16645ca
 def average_query_expansion(qf, gf, k=10, alpha=3.0, times=1, chunk=1024):
     "`(qf, gf)` after average query expansion over query + gallery features (fast-reid's `aqe`)."
     qf, gf = _check_features(qf, gf)
@@ -407,7 +407,7 @@ def average_query_expansion(qf, gf, k=10, alpha=3.0, times=1, chunk=1024):
         feats = out
     return feats[:len(qf)], feats[len(qf):]
 
-# %% ../nbs/05_evaluate.ipynb #69f91875
+# %% ../nbs/05_evaluate.ipynb #6d4afd7e
 def _load_thumb(path, size):
     from PIL import Image
     return np.asarray(Image.open(path).convert("RGB").resize((size[1], size[0])))
@@ -445,7 +445,7 @@ def plot_retrieval(query_items, gallery_items, distmat, q_idx, topk=10, size=(12
     fig.tight_layout()
     return fig
 
-# %% ../nbs/05_evaluate.ipynb #e5b0bba8
+# %% ../nbs/05_evaluate.ipynb #158b7645
 def _as_loader(x, size, batch_size, num_workers, what):
     if isinstance(x, DataLoader): return x
     if isinstance(x, (list, tuple)) and len(x) and all(hasattr(i, "path") or isinstance(i, tuple) for i in x):
@@ -465,7 +465,7 @@ def evaluate(model, query, gallery=None, metric="cosine", flip=False, size=(256,
     gf, gp, gc = extract_features(model, _as_loader(gallery, size, batch_size, num_workers, "gallery"), desc="gallery", **kw)
     return evaluate_features(qf, gf, qp, gp, qc, gc, metric=metric, max_rank=max_rank, **rank_kwargs).as_dict(percent=True)
 
-# %% ../nbs/05_evaluate.ipynb #380edbf0
+# %% ../nbs/05_evaluate.ipynb #147e440c
 class OnnxModel(nn.Module):
     "An ONNX feature extractor (run by onnxruntime) as a module: `[B, 3, H, W]` float images -> `[B, D]` features."
     def __init__(self, path, providers=("CPUExecutionProvider",)):
