@@ -8,7 +8,7 @@ __all__ = ['LOSS_KEYS', 'set_stride', 'trunk_channels', 'BoT', 'MGN', 'label_smo
            'imagenet_weights', 'build_model', 'load_benchmark', 'training_items', 'build_loaders', 'log_line',
            'retrieval_metrics', 'reid_losses', 'train', 'plot_curves', 'main']
 
-# %% ../nbs/04_finetune.ipynb #e1024cea
+# %% ../nbs/04_finetune.ipynb #b9755aae
 import copy, math, time
 from dataclasses import dataclass, asdict, fields
 from pathlib import Path
@@ -22,7 +22,7 @@ from fastcore.imports import IN_NOTEBOOK
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-# %% ../nbs/04_finetune.ipynb #b67748cc
+# %% ../nbs/04_finetune.ipynb #351a597d
 def set_stride(stage, stride):
     "Set the stride of the first block of a ResNet `stage` (e.g. `layer4` = conv5) in place: its strided conv and its downsample."
     for conv in stage[0].modules():
@@ -33,7 +33,7 @@ def trunk_channels(trunk):
     "Channels out of a ResNet trunk's last stage: 512 for BasicBlock ResNets (resnet18/34), 2048 for Bottleneck ones."
     return [m for m in trunk.layer4[-1].modules() if isinstance(m, nn.BatchNorm2d)][-1].num_features
 
-# %% ../nbs/04_finetune.ipynb #0b110283
+# %% ../nbs/04_finetune.ipynb #abcd1f6d
 class BoT(nn.Module):
     "Bag-of-Tricks baseline (Luo et al. 2019): ResNet trunk with last stride 1 -> GAP -> BNNeck -> bias-free classifier."
     def __init__(self, trunk, num_classes, last_stride=1):
@@ -55,7 +55,7 @@ class BoT(nn.Module):
         if not self.training: return bn
         return dict(logits=[self.classifier(bn)], feats=[feat])
 
-# %% ../nbs/04_finetune.ipynb #1dcb709c
+# %% ../nbs/04_finetune.ipynb #817d4e81
 class MGN(nn.Module):
     "Multiple Granularity Network (Wang et al. 2018): shared stem to conv4_1, then a global, a 2-part and a 3-part branch."
     def __init__(self, trunk, num_classes, dim=256):
@@ -86,12 +86,12 @@ class MGN(nn.Module):
         if not self.training: return torch.cat(feats, 1)
         return dict(logits=[fc(f) for fc, f in zip(self.classifiers, feats)], feats=feats[:3])
 
-# %% ../nbs/04_finetune.ipynb #c383769d
+# %% ../nbs/04_finetune.ipynb #e69e03b3
 def label_smoothed_ce(logits, labels, eps=0.1):
     "Cross-entropy against smoothed targets q = (1-eps)·onehot + eps/N (BoT: eps = 0.1; eps = 0: plain CE)."
     return F.cross_entropy(logits.float(), labels, label_smoothing=eps)
 
-# %% ../nbs/04_finetune.ipynb #0a5c091c
+# %% ../nbs/04_finetune.ipynb #6bab185c
 def pairwise_distance(x):
     "Euclidean distance matrix between the rows of `x` (clamped away from 0 so that its gradient stays finite)."
     sq = x.pow(2).sum(1)
@@ -106,7 +106,7 @@ def batch_hard_triplet(feats, labels, margin=0.3):
     gap = hardest_pos - hardest_neg
     return (F.relu(gap + margin) if margin > 0 else F.softplus(gap)).mean()
 
-# %% ../nbs/04_finetune.ipynb #8143047e
+# %% ../nbs/04_finetune.ipynb #5c5e75fa
 from .pretrain import (_int_tuple, dataclass_parser, learning_rate, append_metrics, read_metrics, truncate_metrics,
                             save_checkpoint, load_checkpoint, resolve_device, seed_everything)
 
@@ -156,7 +156,7 @@ class FinetuneConfig:
             if not 0 < getattr(self, name) <= 1: raise ValueError(f"{name} must be in (0, 1], not {getattr(self, name)}")
         if self.last_stride not in (1, 2): raise ValueError(f"last_stride must be 1 or 2, not {self.last_stride}")
 
-# %% ../nbs/04_finetune.ipynb #593a8a7c
+# %% ../nbs/04_finetune.ipynb #e9140787
 def config_parser():
     "The parser of `python -m lupnl.finetune`: one flag per `FinetuneConfig` field."
     return dataclass_parser(FinetuneConfig, "python -m lupnl.finetune", "Fine-tune BoT or MGN on a re-ID benchmark.")
@@ -165,14 +165,14 @@ def parse_config(argv=None):
     "A `FinetuneConfig` from command-line flags (`sys.argv[1:]` if `argv` is None)."
     return FinetuneConfig(**vars(config_parser().parse_args(argv)))
 
-# %% ../nbs/04_finetune.ipynb #152e6c90
+# %% ../nbs/04_finetune.ipynb #88aa6f13
 def build_optimizer(cfg, model):
     "Adam or SGD with momentum (per `cfg.optimizer`) over the trainable parameters of `model`, weight decay `cfg.weight_decay`."
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.optimizer == "adam": return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
-# %% ../nbs/04_finetune.ipynb #c95f7575
+# %% ../nbs/04_finetune.ipynb #f47b8da9
 from .models import resnet_trunk, load_pretrained
 
 def imagenet_weights(arch):
@@ -195,7 +195,7 @@ def build_model(cfg, num_classes):
     model = BoT(trunk, num_classes, cfg.last_stride) if cfg.model == "bot" else MGN(trunk, num_classes)
     return model, report
 
-# %% ../nbs/04_finetune.ipynb #53645323
+# %% ../nbs/04_finetune.ipynb #60c60df2
 from .data import (toy_dataset, read_benchmark, ImageDataset, PKSampler, reid_train_transform,
                         reid_test_transform, subset_identities, subset_shots)
 
@@ -221,7 +221,7 @@ def build_loaders(cfg, bench, device=torch.device("cpu")):
                       for items in (bench.query, bench.gallery))
     return train, query, gallery
 
-# %% ../nbs/04_finetune.ipynb #c250124f
+# %% ../nbs/04_finetune.ipynb #6785f1a3
 from .pretrain import _checkpoint_to_resume, _epoch_seed
 from .evaluate import evaluate
 
@@ -243,7 +243,7 @@ def reid_losses(out, labels, cfg):
     tri = torch.stack([batch_hard_triplet(f, labels, cfg.margin) for f in out["feats"]]).mean()
     return ce + tri, ce, tri
 
-# %% ../nbs/04_finetune.ipynb #c3f4164e
+# %% ../nbs/04_finetune.ipynb #d1807689
 def _check_resumable(ckpt, cfg, path):
     "Refuse to resume a checkpoint whose run differs from `cfg` in a field that changes the model or the data."
     saved = ckpt.get("config", {})
@@ -313,10 +313,10 @@ def train(cfg):
             t1 = time.time()
             row.update(retrieval_metrics(model, query_dl, gallery_dl, cfg.flip, device))
             row["eval_time"] = time.time() - t1
+        append_metrics(out_dir, row)        # log first: a crash before the checkpoint replays this epoch, and
         save_checkpoint(dict(epoch=epoch + 1, model=model.state_dict(), optimizer=optimizer.state_dict(),
                              scaler=scaler.state_dict(), num_classes=num_classes, config=asdict(cfg)),
-                        out_dir / "checkpoint.pth")
-        append_metrics(out_dir, row)
+                        out_dir / "checkpoint.pth")   # the resumed run's truncate_metrics drops its row
         log_line(out_dir, " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
 
     rows = read_metrics(out_dir)
@@ -325,7 +325,7 @@ def train(cfg):
     plt.close(fig)
     return model.eval(), rows
 
-# %% ../nbs/04_finetune.ipynb #504beb14
+# %% ../nbs/04_finetune.ipynb #86ab2e14
 def plot_curves(out_dir):
     "A figure of `out_dir/metrics.jsonl`: losses, train accuracy and retrieval mAP / rank-1 / mINP (%), learning rate."
     rows = read_metrics(out_dir)
@@ -343,11 +343,11 @@ def plot_curves(out_dir):
     fig.tight_layout()
     return fig
 
-# %% ../nbs/04_finetune.ipynb #b84c1928
+# %% ../nbs/04_finetune.ipynb #fd3fe724
 def main(argv=None):
     "Entry point of `python -m lupnl.finetune`: flags -> `FinetuneConfig` -> `train`."
     train(parse_config(argv))
 
-# %% ../nbs/04_finetune.ipynb #5fbf6d4a
+# %% ../nbs/04_finetune.ipynb #f404e4e2
 #| eval: false
 if __name__ == "__main__" and not IN_NOTEBOOK: main()

@@ -9,7 +9,7 @@ __all__ = ['LOSS_KEYS', 'PretrainConfig', 'dataclass_parser', 'config_parser', '
            'seed_everything', 'label_quality', 'build_model', 'weak_view', 'train', 'main', 'torchrun_command',
            'launch', 'compare_ablations', 'plot_ablation']
 
-# %% ../nbs/03_pretrain.ipynb #a04a1649
+# %% ../nbs/03_pretrain.ipynb #2e591967
 import argparse, json, math, os, random, subprocess, sys, time
 from dataclasses import dataclass, asdict, fields, replace
 from pathlib import Path
@@ -28,7 +28,7 @@ from .inspect import compare_labelings
 from .models import PNL, export_backbone
 from .evaluate import evaluate
 
-# %% ../nbs/03_pretrain.ipynb #3113a005
+# %% ../nbs/03_pretrain.ipynb #3d7855a7
 def _int_tuple(value):
     "`(40, 80)` from `(40, 80)`, `[40, 80]`, `40`, `'40,80'` or `'256x128'`; `()` from `''`."
     if isinstance(value, str):
@@ -81,7 +81,7 @@ class PretrainConfig:
         if len(self.img_size) != 2: raise ValueError(f"img_size must be (height, width), not {self.img_size!r}")
         if self.epochs < 1 or self.batch_size < 2: raise ValueError(f"need epochs >= 1 and batch_size >= 2, got {self.epochs} and {self.batch_size}")
 
-# %% ../nbs/03_pretrain.ipynb #7778c13d
+# %% ../nbs/03_pretrain.ipynb #c2b5a26f
 def _str2bool(value):
     if isinstance(value, bool): return value
     if value.lower() in ("1", "true", "yes", "on"): return True
@@ -118,7 +118,7 @@ def config_args(cfg):
         args += [f"--{f.name}", "none" if value is None else str(value)]
     return args
 
-# %% ../nbs/03_pretrain.ipynb #0bedb2ca
+# %% ../nbs/03_pretrain.ipynb #c2d679c0
 def learning_rate(cfg, epoch):
     "The learning rate at fractional `epoch` (epoch + step/steps_per_epoch): linear warm-up, then step or cosine."
     if epoch < cfg.warmup_epochs: return cfg.lr * epoch / cfg.warmup_epochs
@@ -127,7 +127,7 @@ def learning_rate(cfg, epoch):
         return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(done, 1.0)))
     return cfg.lr * 0.1 ** sum(epoch >= s for s in cfg.lr_steps)
 
-# %% ../nbs/03_pretrain.ipynb #a24c57ed
+# %% ../nbs/03_pretrain.ipynb #2bfdf803
 class LARS(torch.optim.Optimizer):
     "SGD with momentum and layer-wise adaptive rate scaling (You et al. 2017); 1-d parameters (biases, norms) get plain SGD without weight decay."
     def __init__(self, params, lr=0.1, momentum=0.9, weight_decay=0.0, trust=0.001):
@@ -159,7 +159,7 @@ def build_optimizer(cfg, model):
     if cfg.optimizer == "lars": return LARS(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
-# %% ../nbs/03_pretrain.ipynb #ae09d35b
+# %% ../nbs/03_pretrain.ipynb #a9d6d22b
 def append_metrics(out_dir, row):
     "Append `row` (a dict) as one JSON line to `out_dir/metrics.jsonl` (NaN / inf become null)."
     row = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
@@ -182,7 +182,7 @@ def truncate_metrics(out_dir, epoch):
     tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
     os.replace(tmp, path)
 
-# %% ../nbs/03_pretrain.ipynb #d95568a6
+# %% ../nbs/03_pretrain.ipynb #6dfebbc4
 def plot_metrics(out_dir):
     "A figure of the metrics in `out_dir/metrics.jsonl`: losses, accuracies, label quality, retrieval, lr, time."
     rows = read_metrics(out_dir)
@@ -203,7 +203,7 @@ def plot_metrics(out_dir):
     fig.tight_layout()
     return fig
 
-# %% ../nbs/03_pretrain.ipynb #2d167711
+# %% ../nbs/03_pretrain.ipynb #f76da2fa
 def save_checkpoint(state, path):
     "`torch.save` `state` to `path` atomically: write a temporary file in the same folder, then `os.replace`."
     path = Path(path)
@@ -218,7 +218,7 @@ def load_checkpoint(path, map_location="cpu"):
     try: return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e: raise RuntimeError(f"cannot read checkpoint {path}: {e}") from e
 
-# %% ../nbs/03_pretrain.ipynb #52c10e9d
+# %% ../nbs/03_pretrain.ipynb #2fa9c348
 def resolve_device(device="auto"):
     "`torch.device` for `device`: 'auto' means CUDA if available, else CPU."
     if device == "auto": device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -245,7 +245,7 @@ def seed_everything(seed):
     "Seed Python, NumPy and torch (all devices)."
     random.seed(seed); np.random.seed(seed % 2**32); torch.manual_seed(seed)
 
-# %% ../nbs/03_pretrain.ipynb #1aa7f3aa
+# %% ../nbs/03_pretrain.ipynb #3197bee7
 def label_quality(noisy, current, true=None):
     "Fraction of labels `corrected`; with true identities (-1 junk) also `purity_before`, `purity`, `precision` and `recall` of the corrections."
     noisy, current = np.asarray(noisy), np.asarray(current)
@@ -254,7 +254,7 @@ def label_quality(noisy, current, true=None):
     c = compare_labelings(true, noisy, current)
     return dict(res, purity_before=c["purity_before"], purity=c["purity_after"], precision=c["precision"], recall=c["recall"])
 
-# %% ../nbs/03_pretrain.ipynb #ffc6e76e
+# %% ../nbs/03_pretrain.ipynb #0fd3a909
 LOSS_KEYS = ("loss", "loss_cls", "loss_proto", "loss_inst", "acc_inst", "acc_cls")
 
 def build_model(cfg, num_classes):
@@ -286,7 +286,7 @@ def _checkpoint_to_resume(cfg):
     if not Path(cfg.resume).is_file(): raise FileNotFoundError(f"resume={cfg.resume!r}: no such checkpoint file")
     return Path(cfg.resume)
 
-# %% ../nbs/03_pretrain.ipynb #8198ae24
+# %% ../nbs/03_pretrain.ipynb #8b385bc4
 def train(cfg):
     "Pre-train as `cfg` says, in one process or under torchrun (DDP); returns the metrics rows (rank 0; `[]` elsewhere)."
     rank, world_size, device = setup_distributed(cfg.device)
@@ -361,10 +361,10 @@ def train(cfg):
                     scores = evaluate(model.backbone, bench, size=cfg.img_size, device=device, amp=amp,
                                       num_workers=cfg.workers, progress=False)
                     row.update({k: scores[k] for k in ("mAP", "rank1", "rank5")}, eval_time=time.time() - t1)
+                append_metrics(out_dir, row)    # log first: a crash before the checkpoint replays this epoch, and
                 save_checkpoint(dict(epoch=epoch + 1, model=model.state_dict(), optimizer=optimizer.state_dict(),
                                      scaler=scaler.state_dict(), labels=labels.cpu(), config=asdict(cfg)),
-                                out_dir / "checkpoint.pth")
-                append_metrics(out_dir, row)
+                                out_dir / "checkpoint.pth")   # the resumed run's truncate_metrics drops its row
                 print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
             if world_size > 1: dist.barrier()
 
@@ -379,7 +379,7 @@ def train(cfg):
     finally:
         teardown_distributed()
 
-# %% ../nbs/03_pretrain.ipynb #47663941
+# %% ../nbs/03_pretrain.ipynb #4c91e27b
 def main(argv=None):
     "Entry point of `python -m lupnl.pretrain` / `torchrun -m lupnl.pretrain`: flags -> `PretrainConfig` -> `train`."
     train(parse_config(argv))
@@ -395,11 +395,11 @@ def launch(cfg, nproc):
     print(" ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
 
-# %% ../nbs/03_pretrain.ipynb #b734b981
+# %% ../nbs/03_pretrain.ipynb #eac00bc1
 #| eval: false
 if __name__ == "__main__" and not IN_NOTEBOOK: main()
 
-# %% ../nbs/03_pretrain.ipynb #c472520e
+# %% ../nbs/03_pretrain.ipynb #d3a63db5
 def compare_ablations(cfg, presets=("pnl", "ce", "moco")):
     "Train `cfg` once per preset in `out_dir/<preset>`, evaluate the random-init backbone too; a DataFrame, saved to `out_dir/ablation.csv`."
     out, rows = Path(cfg.out_dir), []
