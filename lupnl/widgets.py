@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['to_png', 'image_getter', 'sample_by_label', 'umap_embed', 'label_centroids', 'nearest_labels', 'label_suspects',
-           'ClusterExplorer', 'RetrievalBrowser', 'model_from_checkpoint']
+           'ClusterExplorer', 'RetrievalBrowser']
 
 # %% ../nbs/06_widgets.ipynb #11f407e5
 import io, warnings
@@ -18,8 +18,8 @@ from matplotlib import colormaps
 import torch
 from torch.utils.data import DataLoader, Dataset
 from .data import LMDBDataset, ImageDataset, read_benchmark, reid_test_transform, toy_dataset
-from .evaluate import extract_features, compute_distance, evaluate_rank
-from .pretrain import PretrainConfig, build_model, load_checkpoint, resolve_device
+from .evaluate import extract_features, compute_distance, evaluate_rank, load_model, default_benchmark, DEFAULT_SIZE
+from .runs import load_checkpoint, lmdb_fingerprint
 from fastcore.basics import patch
 
 # %% ../nbs/06_widgets.ipynb #320b69bf
@@ -109,6 +109,7 @@ def nearest_labels(features, labels, label, k=5):
     top = np.argsort(-sim, kind="stable")[:k]
     return [(_py(uniq[i]), float(sim[i])) for i in top if np.isfinite(sim[i])]
 
+# %% ../nbs/06_widgets.ipynb #5f33d085
 def label_suspects(features, labels, true_labels=None):
     "Labels ranked by how split or mixed their features look (lowest mean cosine silhouette first); see the text for the columns."
     from sklearn.metrics import silhouette_samples
@@ -154,8 +155,10 @@ def _png(fig):
     fig.savefig(buf, format="png")
     return buf.getvalue()
 
+# %% ../nbs/06_widgets.ipynb #b4a0bad2
 class ClusterExplorer:
     "Interactive UMAP map of a noisily-labelled sample: colour by noisy / corrected / true label, a label's crops, nearest labels, suspects."
+
     def __init__(self, features, labels, images=None, corrected=None, true_labels=None, sample_size=400,
                  n_neighbors=15, seed=0, n_nearest=5, max_grid=24, thumb_height=80, n_suspects=30):
         self.features = np.asarray(features.detach().cpu() if hasattr(features, "detach") else features, np.float32)
@@ -177,163 +180,178 @@ class ClusterExplorer:
         self._build(min(sample_size, n), n_neighbors)
         self.resample()
 
-    # --- widgets ---
-    def _build(self, sample_size, n_neighbors):
-        n = len(self.features)
-        opts = [(_COLOR_NAMES[k], k) for k in ("noisy", "corrected", "true")
-                if k == "noisy" or (k == "corrected" and self.corrected is not None)
-                or (k == "true" and self.true_labels is not None)]
-        self.color_toggle = widgets.ToggleButtons(options=opts, value="noisy", description="Colour by")
-        self.size_slider = widgets.IntSlider(value=sample_size, min=min(20, n), max=n, step=10,
-                                             description="Sample", continuous_update=False)
-        self.neighbors_slider = widgets.IntSlider(value=n_neighbors, min=2, max=100, description="UMAP k",
-                                                  continuous_update=False)
-        self.label_dropdown = widgets.Dropdown(description="Label")
-        self.suspects_select = widgets.Select(description="Suspects", rows=12,
-                                              layout=widgets.Layout(width="300px"))
-        self.plot = widgets.Image(format="png", layout=widgets.Layout(width="420px"))
-        self.info = widgets.HTML()
-        self.nearest_box = widgets.HBox(layout=widgets.Layout(flex_flow="row wrap"))
-        self.grid = widgets.Box(layout=widgets.Layout(display="flex", flex_flow="row wrap"))
-        self.grid.add_class("lupnl-grid")
-        self.color_toggle.observe(lambda c: self.set_color(c["new"]), "value")
-        self.size_slider.observe(lambda c: self.resample(), "value")
-        self.neighbors_slider.observe(lambda c: self.resample(), "value")
-        self.label_dropdown.observe(lambda c: c["new"] is not None and self.select(c["new"]), "value")
-        self.suspects_select.observe(lambda c: c["new"] is not None and self.select(c["new"]), "value")
-        right = widgets.VBox([self.label_dropdown, self.info, widgets.HTML("<b>Nearest labels</b> (cosine, centroids)"),
-                              self.nearest_box, self.grid], layout=widgets.Layout(flex="1 1 380px", min_width="380px"))
-        self.widget = widgets.VBox([widgets.HBox([self.color_toggle]),
-                                    widgets.HBox([self.size_slider, self.neighbors_slider]),
-                                    widgets.HBox([widgets.VBox([self.plot, self.suspects_select],
-                                                               layout=widgets.Layout(flex="0 0 430px")), right])])
-        self.widget.add_class("lupnl-cluster-explorer")
+# %% ../nbs/06_widgets.ipynb #dd8830cf
+@patch
+def _build(self: ClusterExplorer, sample_size, n_neighbors):
+    n = len(self.features)
+    opts = [(_COLOR_NAMES[k], k) for k in ("noisy", "corrected", "true")
+            if k == "noisy" or (k == "corrected" and self.corrected is not None)
+            or (k == "true" and self.true_labels is not None)]
+    self.color_toggle = widgets.ToggleButtons(options=opts, value="noisy", description="Colour by")
+    self.size_slider = widgets.IntSlider(value=sample_size, min=min(20, n), max=n, step=10,
+                                         description="Sample", continuous_update=False)
+    self.neighbors_slider = widgets.IntSlider(value=n_neighbors, min=2, max=100, description="UMAP k",
+                                              continuous_update=False)
+    self.label_dropdown = widgets.Dropdown(description="Label")
+    self.suspects_select = widgets.Select(description="Suspects", rows=12,
+                                          layout=widgets.Layout(width="300px"))
+    self.plot = widgets.Image(format="png", layout=widgets.Layout(width="420px"))
+    self.info = widgets.HTML()
+    self.nearest_box = widgets.HBox(layout=widgets.Layout(flex_flow="row wrap"))
+    self.grid = widgets.Box(layout=widgets.Layout(display="flex", flex_flow="row wrap"))
+    self.grid.add_class("lupnl-grid")
+    self.color_toggle.observe(lambda c: self.set_color(c["new"]), "value")
+    self.size_slider.observe(lambda c: self.resample(), "value")
+    self.neighbors_slider.observe(lambda c: self.resample(), "value")
+    self.label_dropdown.observe(lambda c: c["new"] is not None and self.select(c["new"]), "value")
+    self.suspects_select.observe(lambda c: c["new"] is not None and self.select(c["new"]), "value")
+    right = widgets.VBox([self.label_dropdown, self.info, widgets.HTML("<b>Nearest labels</b> (cosine, centroids)"),
+                          self.nearest_box, self.grid], layout=widgets.Layout(flex="1 1 380px", min_width="380px"))
+    self.widget = widgets.VBox([widgets.HBox([self.color_toggle]),
+                                widgets.HBox([self.size_slider, self.neighbors_slider]),
+                                widgets.HBox([widgets.VBox([self.plot, self.suspects_select],
+                                                           layout=widgets.Layout(flex="0 0 430px")), right])])
+    self.widget.add_class("lupnl-cluster-explorer")
 
-    def _repr_mimebundle_(self, **kwargs): return self.widget._repr_mimebundle_(**kwargs)
+@patch
+def _repr_mimebundle_(self: ClusterExplorer, **kwargs): return self.widget._repr_mimebundle_(**kwargs)
 
-    # --- state ---
-    @property
-    def n_neighbors(self): return self.neighbors_slider.value
+@patch(as_prop=True)
+def n_neighbors(self: ClusterExplorer): return self.neighbors_slider.value
 
-    def corrected_labels(self, idx):
-        "Labels the model gives images `idx` (their noisy labels where no correction is known)."
-        idx = np.asarray(idx)
-        if self.corrected is None: return self.labels[idx]
-        if not callable(self.corrected): return self.corrected[idx]
-        missing = [i for i in idx.tolist() if i not in self._corrected_cache]
-        if missing: self._corrected_cache.update(zip(missing, np.asarray(self.corrected(np.array(missing))).tolist()))
-        return np.array([self._corrected_cache[i] for i in idx.tolist()])
+# %% ../nbs/06_widgets.ipynb #46f627f1
+@patch
+def corrected_labels(self: ClusterExplorer, idx):
+    "Labels the model gives images `idx` (their noisy labels where no correction is known)."
+    idx = np.asarray(idx)
+    if self.corrected is None: return self.labels[idx]
+    if not callable(self.corrected): return self.corrected[idx]
+    missing = [i for i in idx.tolist() if i not in self._corrected_cache]
+    if missing: self._corrected_cache.update(zip(missing, np.asarray(self.corrected(np.array(missing))).tolist()))
+    return np.array([self._corrected_cache[i] for i in idx.tolist()])
 
-    def colors_for(self, by):
-        "The label array for the sample under colouring `by` ('noisy', 'corrected' or 'true')."
-        if by == "noisy": return self.labels[self.sample]
-        if by == "corrected": return self.corrected_labels(self.sample)
-        if by == "true" and self.true_labels is not None: return self.true_labels[self.sample]
-        raise ValueError(f"ClusterExplorer: cannot colour by {by!r}; options: {[v for _, v in self.color_toggle.options]}")
+@patch
+def colors_for(self: ClusterExplorer, by):
+    "The label array for the sample under colouring `by` ('noisy', 'corrected' or 'true')."
+    if by == "noisy": return self.labels[self.sample]
+    if by == "corrected": return self.corrected_labels(self.sample)
+    if by == "true" and self.true_labels is not None: return self.true_labels[self.sample]
+    raise ValueError(f"ClusterExplorer: cannot colour by {by!r}; options: {[v for _, v in self.color_toggle.options]}")
 
-    def resample(self):
-        "Draw the sample for the current size, embed it (cached), rank suspects and refresh the view."
-        self.sample = sample_by_label(self.labels, self.size_slider.value, self.seed)
-        key = (self.size_slider.value, self.n_neighbors)
-        if key not in self._embeddings:
-            self._embeddings[key] = umap_embed(self.features[self.sample], self.n_neighbors, self.seed)
-        self.embedding = self._embeddings[key]
-        x, lab = self.features[self.sample], self.labels[self.sample]
-        self.suspects = label_suspects(x, lab, None if self.true_labels is None else self.true_labels[self.sample])
-        counts = pd.Series(lab).value_counts()
-        self._set_options(self.label_dropdown, [(f"{l} ({counts[l]} images)", _py(l)) for l in np.unique(lab)])
-        top = self.suspects.dropna(subset=["score"]).head(self.n_suspects)
-        self._set_options(self.suspects_select, [(f"{l}: score {s:.2f}", _py(l)) for l, s in zip(top.label, top.score)])
-        keep = self.selected_label is not None and self.selected_label in set(lab.tolist())
-        first = _py(top.label.iloc[0] if len(top) else lab[0])
-        self.select(self.selected_label if keep else first, force=True)
+@patch
+def resample(self: ClusterExplorer):
+    "Draw the sample for the current size, embed it (cached), rank suspects and refresh the view."
+    self.sample = sample_by_label(self.labels, self.size_slider.value, self.seed)
+    key = (self.size_slider.value, self.n_neighbors)
+    if key not in self._embeddings:
+        self._embeddings[key] = umap_embed(self.features[self.sample], self.n_neighbors, self.seed)
+    self.embedding = self._embeddings[key]
+    x, lab = self.features[self.sample], self.labels[self.sample]
+    self.suspects = label_suspects(x, lab, None if self.true_labels is None else self.true_labels[self.sample])
+    counts = pd.Series(lab).value_counts()
+    self._set_options(self.label_dropdown, [(f"{l} ({counts[l]} images)", _py(l)) for l in np.unique(lab)])
+    top = self.suspects.dropna(subset=["score"]).head(self.n_suspects)
+    self._set_options(self.suspects_select, [(f"{l}: score {s:.2f}", _py(l)) for l, s in zip(top.label, top.score)])
+    keep = self.selected_label is not None and self.selected_label in set(lab.tolist())
+    first = _py(top.label.iloc[0] if len(top) else lab[0])
+    self.select(self.selected_label if keep else first, force=True)
 
-    def _set_options(self, w, options):
-        self._syncing = True
-        try: w.options, w.value = options, None
-        finally: self._syncing = False
+# %% ../nbs/06_widgets.ipynb #defaea12
+@patch
+def _set_options(self: ClusterExplorer, w, options):
+    self._syncing = True
+    try: w.options, w.value = options, None
+    finally: self._syncing = False
 
-    def select(self, label, force=False):
-        "Show `label`: highlight it on the map, show its crops and its nearest labels."
-        if getattr(self, "_syncing", False) or (label == self.selected_label and not force): return
-        lab = self.labels[self.sample]
-        if label not in set(lab.tolist()): raise KeyError(f"ClusterExplorer: label {label!r} is not in the sample")
-        self.selected_label = label
-        self._syncing = True
-        try:
-            self.label_dropdown.value = label
-            self.suspects_select.value = label if label in [v for _, v in self.suspects_select.options] else None
-        finally: self._syncing = False
-        idx = self.sample[lab == label]
-        corr = self.corrected_labels(idx)
-        self.grid_items = [dict(index=int(i), label=label, corrected=_py(c), flagged=bool(c != label),
-                                true=None if self.true_labels is None else _py(self.true_labels[i]))
-                           for i, c in zip(idx[:self.max_grid], corr[:self.max_grid])]
-        self.nearest = nearest_labels(self.features[self.sample], lab, label, self.n_nearest)
-        self._show_info(idx, corr)
-        self._show_grid()
-        self._show_nearest()
-        self.draw()
+@patch
+def select(self: ClusterExplorer, label, force=False):
+    "Show `label`: highlight it on the map, show its crops and its nearest labels."
+    if getattr(self, "_syncing", False) or (label == self.selected_label and not force): return
+    lab = self.labels[self.sample]
+    if label not in set(lab.tolist()): raise KeyError(f"ClusterExplorer: label {label!r} is not in the sample")
+    self.selected_label = label
+    self._syncing = True
+    try:
+        self.label_dropdown.value = label
+        self.suspects_select.value = label if label in [v for _, v in self.suspects_select.options] else None
+    finally: self._syncing = False
+    idx = self.sample[lab == label]
+    corr = self.corrected_labels(idx)
+    self.grid_items = [dict(index=int(i), label=label, corrected=_py(c), flagged=bool(c != label),
+                            true=None if self.true_labels is None else _py(self.true_labels[i]))
+                       for i, c in zip(idx[:self.max_grid], corr[:self.max_grid])]
+    self.nearest = nearest_labels(self.features[self.sample], lab, label, self.n_nearest)
+    self._show_info(idx, corr)
+    self._show_grid()
+    self._show_nearest()
+    self.draw()
 
-    def set_color(self, by):
-        "Colour the map by 'noisy', 'corrected' or 'true' labels."
-        self.colors_for(by)                     # validates
-        self.color_by = by
-        if self.color_toggle.value != by: self.color_toggle.value = by
-        self.draw()
+@patch
+def set_color(self: ClusterExplorer, by):
+    "Colour the map by 'noisy', 'corrected' or 'true' labels."
+    self.colors_for(by)                     # validates
+    self.color_by = by
+    if self.color_toggle.value != by: self.color_toggle.value = by
+    self.draw()
 
-    # --- drawing ---
-    def draw(self):
-        "Redraw the map: points coloured by `color_by` (`plot_data`), the selected label's points ringed in black."
-        self.plot_data = self.colors_for(self.color_by)
-        e, sel = self.embedding, self.labels[self.sample] == self.selected_label
-        fig = Figure(figsize=(4.2, 4.0), dpi=100)
-        ax = fig.add_subplot()
-        ax.scatter(e[:, 0], e[:, 1], c=_label_colors(self.plot_data), s=12, linewidths=0)
-        ax.scatter(e[sel, 0], e[sel, 1], facecolors="none", edgecolors="black", s=60, linewidths=1.2,
-                   label=f"label {self.selected_label}")
-        ax.set(xticks=[], yticks=[], title=f"UMAP of {len(e)} images, coloured by {_COLOR_NAMES[self.color_by]}")
-        ax.title.set_fontsize(9)
-        ax.legend(loc="lower right", fontsize=8)
-        fig.tight_layout()
-        self.plot.value = _png(fig)
+# %% ../nbs/06_widgets.ipynb #fa36812a
+@patch
+def draw(self: ClusterExplorer):
+    "Redraw the map: points coloured by `color_by` (`plot_data`), the selected label's points ringed in black."
+    self.plot_data = self.colors_for(self.color_by)
+    e, sel = self.embedding, self.labels[self.sample] == self.selected_label
+    fig = Figure(figsize=(4.2, 4.0), dpi=100)
+    ax = fig.add_subplot()
+    ax.scatter(e[:, 0], e[:, 1], c=_label_colors(self.plot_data), s=12, linewidths=0)
+    ax.scatter(e[sel, 0], e[sel, 1], facecolors="none", edgecolors="black", s=60, linewidths=1.2,
+               label=f"label {self.selected_label}")
+    ax.set(xticks=[], yticks=[], title=f"UMAP of {len(e)} images, coloured by {_COLOR_NAMES[self.color_by]}")
+    ax.title.set_fontsize(9)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    self.plot.value = _png(fig)
 
-    def thumbnail(self, i):
-        "PNG thumbnail of image `i` (cached)."
-        if i not in self._thumbs: self._thumbs[i] = to_png(self.get_image(i), self.thumb_height)
-        return self._thumbs[i]
+@patch
+def thumbnail(self: ClusterExplorer, i):
+    "PNG thumbnail of image `i` (cached)."
+    if i not in self._thumbs: self._thumbs[i] = to_png(self.get_image(i), self.thumb_height)
+    return self._thumbs[i]
 
-    def _show_info(self, idx, corr):
-        row = self.suspects.set_index("label").loc[self.selected_label]
-        rank = self.suspects.index[self.suspects.label == self.selected_label][0] + 1
-        score = "n/a (a single image)" if np.isnan(row.score) else f"{row.score:.2f} (rank {rank} of {len(self.suspects)})"
-        txt = f"<b>label {self.selected_label}</b>: {len(idx)} images in the sample"
-        if self.corrected is not None: txt += f", {int((corr != self.selected_label).sum())} the model would relabel"
-        txt += f"; suspect score {score}"
-        if self.true_labels is not None:
-            vc = pd.Series(self.true_labels[idx]).value_counts()
-            txt += "; true identities: " + ", ".join(f"{_true_name(k)} &times; {v}" for k, v in vc.items())
-        self.info.value = txt
+@patch
+def _show_info(self: ClusterExplorer, idx, corr):
+    row = self.suspects.set_index("label").loc[self.selected_label]
+    rank = self.suspects.index[self.suspects.label == self.selected_label][0] + 1
+    score = "n/a (a single image)" if np.isnan(row.score) else f"{row.score:.2f} (rank {rank} of {len(self.suspects)})"
+    txt = f"<b>label {self.selected_label}</b>: {len(idx)} images in the sample"
+    if self.corrected is not None: txt += f", {int((corr != self.selected_label).sum())} the model would relabel"
+    txt += f"; suspect score {score}"
+    if self.true_labels is not None:
+        vc = pd.Series(self.true_labels[idx]).value_counts()
+        txt += "; true identities: " + ", ".join(f"{_true_name(k)} &times; {v}" for k, v in vc.items())
+    self.info.value = txt
 
-    def _show_grid(self):
-        cells = []
-        for it in self.grid_items:
-            cap = f"#{it['index']}" + (f" &rarr; <b style='color:#c00'>{it['corrected']}</b>" if it["flagged"] else "")
-            if it["true"] is not None: cap += f"<br>true {_true_name(it['true'])}"
-            border = "3px solid #c00" if it["flagged"] else "3px solid transparent"
-            img = (widgets.Image(value=self.thumbnail(it["index"]), format="png", layout=widgets.Layout(border=border))
-                   if self.get_image is not None else widgets.HTML(f"<div style='border:{border}'>no image</div>"))
-            cells.append(widgets.VBox([img, _caption(cap)], layout=widgets.Layout(margin="2px", align_items="center")))
-        self.grid.children = cells
+# %% ../nbs/06_widgets.ipynb #d8083468
+@patch
+def _show_grid(self: ClusterExplorer):
+    cells = []
+    for it in self.grid_items:
+        cap = f"#{it['index']}" + (f" &rarr; <b style='color:#c00'>{it['corrected']}</b>" if it["flagged"] else "")
+        if it["true"] is not None: cap += f"<br>true {_true_name(it['true'])}"
+        border = "3px solid #c00" if it["flagged"] else "3px solid transparent"
+        img = (widgets.Image(value=self.thumbnail(it["index"]), format="png", layout=widgets.Layout(border=border))
+               if self.get_image is not None else widgets.HTML(f"<div style='border:{border}'>no image</div>"))
+        cells.append(widgets.VBox([img, _caption(cap)], layout=widgets.Layout(margin="2px", align_items="center")))
+    self.grid.children = cells
 
-    def _show_nearest(self):
-        buttons = []
-        for l, s in self.nearest:
-            b = widgets.Button(description=f"{l} ({s:.2f})", layout=widgets.Layout(width="auto"),
-                               tooltip=f"show label {l}")
-            b.on_click(lambda _, l=l: self.select(l))
-            buttons.append(b)
-        self.nearest_box.children = buttons
+@patch
+def _show_nearest(self: ClusterExplorer):
+    buttons = []
+    for l, s in self.nearest:
+        b = widgets.Button(description=f"{l} ({s:.2f})", layout=widgets.Layout(width="auto"),
+                           tooltip=f"show label {l}")
+        b.on_click(lambda _, l=l: self.select(l))
+        buttons.append(b)
+    self.nearest_box.children = buttons
 
 # %% ../nbs/06_widgets.ipynb #24cd87ba
 _MARKS = {"correct": ("#2a2", "&#10003; correct"), "wrong": ("#c00", "&#10007; wrong"),
@@ -341,6 +359,7 @@ _MARKS = {"correct": ("#2a2", "&#10003; correct"), "wrong": ("#c00", "&#10007; w
 
 class RetrievalBrowser:
     "Browse re-ID retrieval results: a query's top-k gallery with marks and AP; filter and step through the failures."
+
     def __init__(self, distmat, q_pids, g_pids, q_camids, g_camids, query_images=None, gallery_images=None,
                  ap=None, k=10, threshold=0.5, only_failures=False, thumb_height=96):
         self.distmat = np.asarray(distmat.detach().cpu() if hasattr(distmat, "detach") else distmat, np.float32)
@@ -361,110 +380,124 @@ class RetrievalBrowser:
         self._build(threshold, only_failures)
         self._refilter()
 
-    def _build(self, threshold, only_failures):
-        self.threshold_slider = widgets.FloatSlider(value=threshold, min=0, max=1, step=0.05, description="AP <",
-                                                    continuous_update=False, readout_format=".2f")
-        self.only_failures = widgets.Checkbox(value=only_failures, description="only failures", indent=False)
-        self.query_slider = widgets.IntSlider(description="Browse", continuous_update=False)
-        self.query_dropdown = widgets.Dropdown(description="Query", layout=widgets.Layout(width="360px"))
-        self.next_button = widgets.Button(description="Next failure", icon="forward", button_style="warning")
-        self.header = widgets.HTML()
-        self.results = widgets.Box(layout=widgets.Layout(display="flex", flex_flow="row wrap"))
-        self.results.add_class("lupnl-results")
-        self.threshold_slider.observe(lambda c: self._refilter(), "value")
-        self.only_failures.observe(lambda c: self._refilter(), "value")
-        self.query_slider.observe(lambda c: self._syncing or self.show(self.filtered[c["new"]]), "value")
-        self.query_dropdown.observe(lambda c: self._syncing or c["new"] is None or self.show(c["new"]), "value")
-        self.next_button.on_click(lambda _: self.next_failure())
-        self.widget = widgets.VBox([widgets.HBox([self.threshold_slider, self.only_failures, self.next_button]),
-                                    widgets.HBox([self.query_slider, self.query_dropdown]), self.header, self.results])
-        self.widget.add_class("lupnl-retrieval-browser")
+# %% ../nbs/06_widgets.ipynb #54ef47e2
+@patch
+def _build(self: RetrievalBrowser, threshold, only_failures):
+    self.threshold_slider = widgets.FloatSlider(value=threshold, min=0, max=1, step=0.05, description="AP <",
+                                                continuous_update=False, readout_format=".2f")
+    self.only_failures = widgets.Checkbox(value=only_failures, description="only failures", indent=False)
+    self.query_slider = widgets.IntSlider(description="Browse", continuous_update=False)
+    self.query_dropdown = widgets.Dropdown(description="Query", layout=widgets.Layout(width="360px"))
+    self.next_button = widgets.Button(description="Next failure", icon="forward", button_style="warning")
+    self.header = widgets.HTML()
+    self.results = widgets.Box(layout=widgets.Layout(display="flex", flex_flow="row wrap"))
+    self.results.add_class("lupnl-results")
+    self.threshold_slider.observe(lambda c: self._refilter(), "value")
+    self.only_failures.observe(lambda c: self._refilter(), "value")
+    self.query_slider.observe(lambda c: self._syncing or self.show(self.filtered[c["new"]]), "value")
+    self.query_dropdown.observe(lambda c: self._syncing or c["new"] is None or self.show(c["new"]), "value")
+    self.next_button.on_click(lambda _: self.next_failure())
+    self.widget = widgets.VBox([widgets.HBox([self.threshold_slider, self.only_failures, self.next_button]),
+                                widgets.HBox([self.query_slider, self.query_dropdown]), self.header, self.results])
+    self.widget.add_class("lupnl-retrieval-browser")
 
-    def _repr_mimebundle_(self, **kwargs): return self.widget._repr_mimebundle_(**kwargs)
+@patch
+def _repr_mimebundle_(self: RetrievalBrowser, **kwargs): return self.widget._repr_mimebundle_(**kwargs)
 
-    @property
-    def threshold(self): return self.threshold_slider.value
+@patch(as_prop=True)
+def threshold(self: RetrievalBrowser): return self.threshold_slider.value
 
-    @property
-    def failures(self):
-        "Indices of the queries whose AP is below the threshold."
-        with np.errstate(invalid="ignore"): return np.flatnonzero(self.ap < self.threshold)
+@patch(as_prop=True)
+def failures(self: RetrievalBrowser):
+    "Indices of the queries whose AP is below the threshold."
+    with np.errstate(invalid="ignore"): return np.flatnonzero(self.ap < self.threshold)
 
-    def _refilter(self):
-        "Recompute `filtered` (the queries the slider and dropdown range over) and keep or move the current query."
-        self.filtered = self.failures if self.only_failures.value else np.arange(len(self.ap))
-        self._syncing = True
-        try:
-            self.query_dropdown.options = [(self._query_label(q), int(q)) for q in self.filtered]
-            self.query_slider.max = max(len(self.filtered) - 1, 0)
-            self.query_slider.disabled = self.query_dropdown.disabled = len(self.filtered) == 0
-        finally: self._syncing = False
-        if len(self.filtered) == 0: return self.show(None)
-        self.show(self.query_index if self.query_index in set(self.filtered.tolist()) else self.filtered[0])
+# %% ../nbs/06_widgets.ipynb #6b23f7e6
+@patch
+def _refilter(self: RetrievalBrowser):
+    "Recompute `filtered` (the queries the slider and dropdown range over) and keep or move the current query."
+    self.filtered = self.failures if self.only_failures.value else np.arange(len(self.ap))
+    self._syncing = True
+    try:
+        self.query_dropdown.options = [(self._query_label(q), int(q)) for q in self.filtered]
+        self.query_slider.max = max(len(self.filtered) - 1, 0)
+        self.query_slider.disabled = self.query_dropdown.disabled = len(self.filtered) == 0
+    finally: self._syncing = False
+    if len(self.filtered) == 0: return self.show(None)
+    self.show(self.query_index if self.query_index in set(self.filtered.tolist()) else self.filtered[0])
 
-    def _query_label(self, q):
-        ap = "n/a" if np.isnan(self.ap[q]) else f"{self.ap[q]:.2f}"
-        return f"#{q}  id {self.q_pids[q]}  cam {self.q_camids[q]}  AP {ap}"
+@patch
+def _query_label(self: RetrievalBrowser, q):
+    ap = "n/a" if np.isnan(self.ap[q]) else f"{self.ap[q]:.2f}"
+    return f"#{q}  id {self.q_pids[q]}  cam {self.q_camids[q]}  AP {ap}"
 
-    def next_failure(self):
-        "Move to the next query (after the current one, wrapping around) whose AP is below the threshold."
-        fails = self.failures
-        if len(fails) == 0:
-            self.header.value = f"<b>No query has AP &lt; {self.threshold:.2f}.</b>"
-            return None
-        after = fails[fails > (self.query_index if self.query_index is not None else -1)]
-        return self.show(after[0] if len(after) else fails[0])
+@patch
+def next_failure(self: RetrievalBrowser):
+    "Move to the next query (after the current one, wrapping around) whose AP is below the threshold."
+    fails = self.failures
+    if len(fails) == 0:
+        self.header.value = f"<b>No query has AP &lt; {self.threshold:.2f}.</b>"
+        return None
+    after = fails[fails > (self.query_index if self.query_index is not None else -1)]
+    return self.show(after[0] if len(after) else fails[0])
 
-    def show(self, q):
-        "Show query `q` (an index into the queries; None clears the view)."
-        if q is None:
-            self.query_index, self.topk, self.marks = None, np.array([], int), []
-            self.header.value, self.results.children = "<b>No query matches the filter.</b>", ()
-            return None
-        q = int(q)
-        if not 0 <= q < len(self.ap): raise IndexError(f"RetrievalBrowser: query {q} out of range 0..{len(self.ap) - 1}")
-        self.query_index = q
-        pos = np.flatnonzero(self.filtered == q)
-        self._syncing = True
-        try:
-            if len(pos): self.query_slider.value = int(pos[0])
-            self.query_dropdown.value = q if len(pos) else None
-        finally: self._syncing = False
-        d = self.distmat[q]
-        self.topk = np.argsort(d, kind="stable")[:self.k]
-        same_id, same_cam = self.g_pids[self.topk] == self.q_pids[q], self.g_camids[self.topk] == self.q_camids[q]
-        self.marks = ["same camera" if i and c else "correct" if i else "wrong" for i, c in zip(same_id, same_cam)]
-        self._show_header(q)
-        self._show_results(q)
-        return q
+# %% ../nbs/06_widgets.ipynb #96c84847
+@patch
+def show(self: RetrievalBrowser, q):
+    "Show query `q` (an index into the queries; None clears the view)."
+    if q is None:
+        self.query_index, self.topk, self.marks = None, np.array([], int), []
+        self.header.value, self.results.children = "<b>No query matches the filter.</b>", ()
+        return None
+    q = int(q)
+    if not 0 <= q < len(self.ap): raise IndexError(f"RetrievalBrowser: query {q} out of range 0..{len(self.ap) - 1}")
+    self.query_index = q
+    pos = np.flatnonzero(self.filtered == q)
+    self._syncing = True
+    try:
+        if len(pos): self.query_slider.value = int(pos[0])
+        self.query_dropdown.value = q if len(pos) else None
+    finally: self._syncing = False
+    d = self.distmat[q]
+    self.topk = np.argsort(d, kind="stable")[:self.k]
+    same_id, same_cam = self.g_pids[self.topk] == self.q_pids[q], self.g_camids[self.topk] == self.q_camids[q]
+    self.marks = ["same camera" if i and c else "correct" if i else "wrong" for i, c in zip(same_id, same_cam)]
+    self._show_header(q)
+    self._show_results(q)
+    return q
 
-    def _show_header(self, q):
-        valid = ~((self.g_pids == self.q_pids[q]) & (self.g_camids == self.q_camids[q]))
-        order = np.argsort(self.distmat[q][valid], kind="stable")
-        hits = np.flatnonzero(self.g_pids[valid][order] == self.q_pids[q])
-        ap = "n/a (no valid match in the gallery)" if np.isnan(self.ap[q]) else f"{self.ap[q]:.3f}"
-        first = f"first correct match at rank {hits[0] + 1}" if len(hits) else "no correct match"
-        self.header.value = (f"<b>query #{q}</b> (id {self.q_pids[q]}, camera {self.q_camids[q]}): AP {ap}, {first}; "
-                             f"{len(self.failures)} of {len(self.ap)} queries have AP &lt; {self.threshold:.2f}")
+@patch
+def _show_header(self: RetrievalBrowser, q):
+    valid = ~((self.g_pids == self.q_pids[q]) & (self.g_camids == self.q_camids[q]))
+    order = np.argsort(self.distmat[q][valid], kind="stable")
+    hits = np.flatnonzero(self.g_pids[valid][order] == self.q_pids[q])
+    ap = "n/a (no valid match in the gallery)" if np.isnan(self.ap[q]) else f"{self.ap[q]:.3f}"
+    first = f"first correct match at rank {hits[0] + 1}" if len(hits) else "no correct match"
+    self.header.value = (f"<b>query #{q}</b> (id {self.q_pids[q]}, camera {self.q_camids[q]}): AP {ap}, {first}; "
+                         f"{len(self.failures)} of {len(self.ap)} queries have AP &lt; {self.threshold:.2f}")
 
-    def _thumb(self, get, key, i):
-        if get is None: return None
-        if (key, i) not in self._thumbs: self._thumbs[key, i] = to_png(get(i), self.thumb_height)
-        return self._thumbs[key, i]
+@patch
+def _thumb(self: RetrievalBrowser, get, key, i):
+    if get is None: return None
+    if (key, i) not in self._thumbs: self._thumbs[key, i] = to_png(get(i), self.thumb_height)
+    return self._thumbs[key, i]
 
-    def _cell(self, png, caption, color):
-        border = f"3px solid {color}"
-        img = (widgets.Image(value=png, format="png", layout=widgets.Layout(border=border)) if png is not None
-               else widgets.HTML(f"<div style='border:{border};height:{self.thumb_height}px;width:{self.thumb_height // 2}px'></div>"))
-        return widgets.VBox([img, _caption(caption)], layout=widgets.Layout(margin="2px", align_items="center"))
+# %% ../nbs/06_widgets.ipynb #104789a4
+@patch
+def _cell(self: RetrievalBrowser, png, caption, color):
+    border = f"3px solid {color}"
+    img = (widgets.Image(value=png, format="png", layout=widgets.Layout(border=border)) if png is not None
+           else widgets.HTML(f"<div style='border:{border};height:{self.thumb_height}px;width:{self.thumb_height // 2}px'></div>"))
+    return widgets.VBox([img, _caption(caption)], layout=widgets.Layout(margin="2px", align_items="center"))
 
-    def _show_results(self, q):
-        cells = [self._cell(self._thumb(self.get_query, "q", q), f"<b>query</b><br>id {self.q_pids[q]} cam {self.q_camids[q]}", "#36c")]
-        for r, (g, m) in enumerate(zip(self.topk, self.marks), 1):
-            color, text = _MARKS[m]
-            cap = f"{r}. d={self.distmat[q, g]:.3f}<br>id {self.g_pids[g]} cam {self.g_camids[g]}<br><span style='color:{color}'>{text}</span>"
-            cells.append(self._cell(self._thumb(self.get_gallery, "g", g), cap, color))
-        self.results.children = cells
+@patch
+def _show_results(self: RetrievalBrowser, q):
+    cells = [self._cell(self._thumb(self.get_query, "q", q), f"<b>query</b><br>id {self.q_pids[q]} cam {self.q_camids[q]}", "#36c")]
+    for r, (g, m) in enumerate(zip(self.topk, self.marks), 1):
+        color, text = _MARKS[m]
+        cap = f"{r}. d={self.distmat[q, g]:.3f}<br>id {self.g_pids[g]} cam {self.g_camids[g]}<br><span style='color:{color}'>{text}</span>"
+        cells.append(self._cell(self._thumb(self.get_gallery, "g", g), cap, color))
+    self.results.children = cells
 
 # %% ../nbs/06_widgets.ipynb #6d89ade7
 class _LabelledItems(Dataset):
@@ -496,35 +529,37 @@ def from_model(cls: ClusterExplorer, model, dataset, corrected=None, pool_size=1
     return ex
 
 # %% ../nbs/06_widgets.ipynb #09f43088
-def model_from_checkpoint(checkpoint, data=None, device="cpu"):
-    "(model in eval mode, its `PretrainConfig`, the run's `LMDBDataset` with the test transform) from a `lupnl.pretrain` checkpoint."
-    ckpt = load_checkpoint(checkpoint)
-    missing = [k for k in ("model", "config", "labels") if k not in ckpt]
-    if missing: raise KeyError(f"{checkpoint}: not a lupnl.pretrain checkpoint (no {missing})")
-    known = set(PretrainConfig.__dataclass_fields__)
-    cfg = PretrainConfig(**{k: v for k, v in ckpt["config"].items() if k in known})
-    ds = LMDBDataset(data or cfg.data or toy_dataset().lmdb, reid_test_transform(cfg.img_size))
-    if len(ckpt["labels"]) != len(ds):
-        raise ValueError(f"{checkpoint}: the run had {len(ckpt['labels'])} images but {ds.root} has {len(ds)}")
-    model = build_model(cfg, ds.num_classes)
-    model.load_state_dict(ckpt["model"])
-    model.run_labels = ckpt["labels"].cpu().numpy()  # class indices (-1: none), as the run corrected them
-    return model.to(resolve_device(device)).eval(), cfg, ds
+def _read_run(checkpoint, device):
+    "(model from `load_model`, the run's current labels or None, its data fingerprint or None) of a checkpoint file, read once."
+    ckpt = None if Path(checkpoint).suffix.lower() in (".onnx", ".safetensors") else load_checkpoint(checkpoint)
+    model = load_model(checkpoint, device, checkpoint=ckpt)
+    if model.kind != "pretrain" or "labels" not in ckpt: return model, None, None
+    return model, ckpt["labels"].cpu().numpy(), ckpt.get("fingerprint")
 
 @patch(cls_method=True)
 def from_checkpoint(cls: ClusterExplorer, checkpoint, data=None, device="cpu", **kwargs):
-    "Explorer of a `lupnl.pretrain` checkpoint: its model's features; corrected labels = the run's current labels."
-    model, cfg, ds = model_from_checkpoint(checkpoint, data, device)
-    cur = model.run_labels
-    corrected = np.where(cur >= 0, ds.classes[np.clip(cur, 0, None)], -1)  # class index -> raw label
+    """Explorer of a lupnl checkpoint's model (any file `load_model` reads) on the LMDB `data` (default: the pre-training
+    run's, else the built-in one); for a pre-training checkpoint, corrected labels = the run's current labels."""
+    model, run_labels, fingerprint = _read_run(checkpoint, device)
+    cfg = model.config or {}
+    ds = LMDBDataset(data or (cfg.get("data") if model.kind == "pretrain" else None) or toy_dataset().lmdb,
+                     reid_test_transform(model.img_size))
+    corrected = None
+    if run_labels is not None:
+        found = lmdb_fingerprint(ds)
+        if len(run_labels) != len(ds) or (fingerprint is not None and fingerprint != found):  # its labels index other images
+            raise ValueError(f"{checkpoint}: the run trained on other data ({fingerprint or len(run_labels)} images) than "
+                             f"{ds.root} ({found}): pass the run's LMDB as data")
+        corrected = np.where(run_labels >= 0, ds.classes[np.clip(run_labels, 0, None)], -1)  # class index -> raw label
     return cls.from_model(model, ds, corrected=corrected, **kwargs)
 
 # %% ../nbs/06_widgets.ipynb #1fbfe375
 @patch(cls_method=True)
-def from_model(cls: RetrievalBrowser, model, bench, size=(256, 128), batch_size=64, device=None, metric="cosine", **kwargs):
-    "Browser of `model` on a benchmark (a `Benchmark` or its folder): features, distances and AP from `lupnl.evaluate`."
+def from_model(cls: RetrievalBrowser, model, bench, size=None, batch_size=64, device=None, metric="cosine", **kwargs):
+    """Browser of `model` on a benchmark (a `Benchmark` or its folder): features, distances and AP from `lupnl.evaluate`,
+    at crop `size` (default: the model's `img_size`, else 256x128)."""
     bench = read_benchmark(bench) if isinstance(bench, (str, Path)) else bench
-    tf = reid_test_transform(size)
+    tf = reid_test_transform(size or getattr(model, "img_size", None) or DEFAULT_SIZE)
     def feats(items, what):
         return extract_features(model, DataLoader(ImageDataset(items, tf), batch_size=batch_size), device=device, desc=what)
     qf, qp, qc = feats(bench.query, "query")
@@ -533,7 +568,7 @@ def from_model(cls: RetrievalBrowser, model, bench, size=(256, 128), batch_size=
                [i.path for i in bench.query], [i.path for i in bench.gallery], **kwargs)
 
 @patch(cls_method=True)
-def from_checkpoint(cls: RetrievalBrowser, checkpoint, bench=None, data=None, device="cpu", **kwargs):
-    "Browser of a `lupnl.pretrain` checkpoint's backbone on `bench` (default: the run's benchmark, else the built-in one)."
-    model, cfg, _ = model_from_checkpoint(checkpoint, data, device)
-    return cls.from_model(model, bench or cfg.bench or toy_dataset().bench, size=cfg.img_size, **kwargs)
+def from_checkpoint(cls: RetrievalBrowser, checkpoint, bench=None, device="cpu", **kwargs):
+    "Browser of a lupnl checkpoint's model (any file `load_model` reads) on `bench` (default: the run's benchmark, else the built-in one)."
+    model = load_model(checkpoint, device)
+    return cls.from_model(model, default_benchmark(model, bench), **kwargs)

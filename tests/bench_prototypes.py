@@ -54,7 +54,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: robust on a shared machine)")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--plot", default=str(REPO / "images" / "models_prototype_update_bench.png"))
+    ap.add_argument("--plot", default=None, help="save the bar chart here (the README's figure: bash images/make.sh --all)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")

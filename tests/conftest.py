@@ -1,5 +1,5 @@
 """Shared pytest fixtures: where the real data lives, and the built-in toy dataset."""
-import os
+import os, shutil
 from pathlib import Path
 import pytest
 
@@ -19,6 +19,64 @@ def shared_data() -> Path:
             pytest.fail(f"real data expected at {p} under CI but it is missing")
         pytest.skip(f"real data not found at {p} (set LUPNL_SHARED_DATA)")
     return p
+
+
+# ---- the tiny pre-training data shared by test_pretrain.py and test_bad_input.py
+# Every session uses its own data folder, so the papermill run of test_pretrain.py generates the built-in data
+# (its time limit includes that). OMP_WAIT_POLICY=PASSIVE: OpenMP threads that spin-wait slow torch down
+# tenfold when the 2 cores are shared with other processes; it changes nothing on an idle machine.
+
+@pytest.fixture(scope="session")
+def data_home(tmp_path_factory):
+    "LUPNL_DATA for the runs of this session: a fresh folder (the first run generates the toy data in it)."
+    return tmp_path_factory.mktemp("lupnl_data")
+
+
+@pytest.fixture(scope="session")
+def env(data_home):
+    return dict(os.environ, LUPNL_DATA=str(data_home), OMP_WAIT_POLICY="PASSIVE", PYTHONUNBUFFERED="1",
+                MPLBACKEND="Agg")
+
+
+@pytest.fixture(scope="session")
+def tiny_lmdb(data_home, tmp_path_factory):
+    "The first 128 crops of the toy data (about 9 identities) as their own LUPerson-NL LMDB (noisy pids + true_pids)."
+    from lupnl.data import LMDBDataset, write_lmdb
+    from lupnl.toy import toy_dataset
+    toy = toy_dataset(data_home / "toy", progress=False)
+    ds = LMDBDataset(toy.lmdb)
+    n = 128
+    out = tmp_path_factory.mktemp("tiny") / "lmdb"
+    write_lmdb(out, ((ds.read_bytes(i), int(ds.labels[i])) for i in range(n)), progress=False,
+               extra={"true_pids": list(ds.meta["true_pids"][:n])})
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_bench(data_home, tmp_path_factory):
+    "The built-in benchmark cut to 12 test identities (their queries and gallery images) and a few train images."
+    from lupnl.toy import toy_dataset
+    bench = toy_dataset(data_home / "toy", progress=False).bench
+    out = tmp_path_factory.mktemp("tiny_bench")
+    pids = sorted({f.name.split("_")[0] for f in (bench / "query").glob("*.jpg")})[:12]
+    for sub, keep in (("query", pids), ("bounding_box_test", pids), ("bounding_box_train", None)):
+        files = sorted((bench / sub).glob("*.jpg"))
+        files = [f for f in files if f.name.split("_")[0] in keep] if keep else files[:20]
+        (out / sub).mkdir()
+        for f in files: shutil.copy(f, out / sub / f.name)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    "`make(data, bench, out_dir, epochs, **kwargs)`: a PretrainConfig of seconds per epoch on `tiny_lmdb` / `tiny_bench`."
+    from lupnl.pretrain import PretrainConfig
+    def make(data, bench, out_dir, epochs, **kwargs):
+        "32x16 crops, global batch 16, correction and label guidance from epoch 1, evaluation at the end only."
+        return PretrainConfig(**{**dict(data=str(data), bench=str(bench), out_dir=str(out_dir), epochs=epochs, batch_size=16,
+                                        img_size=(32, 16), lr=0.03, lr_steps=(), queue_size=64, correct_start=1,
+                                        label_guided_start=1, eval_every=0), **kwargs})
+    return make
 
 
 def pytest_configure(config):

@@ -12,9 +12,10 @@ from torch.utils.data import DataLoader
 from lupnl.data import (DataError, DataNotFoundError, MissingKeyError, CorruptImageError, UnsafePickleError, Item,
                         load_keys, write_lmdb, write_lmdb_from_folder, LMDBDataset, TwoViewTransform, read_benchmark,
                         read_market1501, read_dukemtmc, read_cuhk03_np, ImageDataset, subset_identities, subset_shots,
-                        reid_test_transform, pretrain_weak_transform, pretrain_strong_transform, PKSampler,
-                        DistributedPKSampler, DistributedShuffleSampler, simulate_noise, measure_noise,
-                        make_toy_dataset, toy_dataset)
+                        reid_test_transform, reid_train_transform, pretrain_strong_transform, PKSampler,
+                        DistributedPKSampler, DistributedShuffleSampler)
+from lupnl.noise import simulate_noise, measure_noise
+from lupnl.toy import make_toy_dataset, toy_dataset
 
 SMALL = dict(n_ids=60, imgs_per_id=(8, 14), n_bench_ids=6, n_distractors=2, n_bench_junk=2)  # for noise rates
 TINY = dict(n_ids=16, imgs_per_id=(6, 10), n_bench_ids=10, n_distractors=3, n_bench_junk=2)
@@ -190,7 +191,7 @@ def test_dataloader_worker_error_is_ours(small_lmdb):
 
 def test_two_view_transform(small_lmdb):
     root, _ = small_lmdb
-    ds = LMDBDataset(root, TwoViewTransform(pretrain_weak_transform((32, 16)), pretrain_strong_transform((32, 16))))
+    ds = LMDBDataset(root, TwoViewTransform(reid_train_transform((32, 16), pad=1, erase=0), pretrain_strong_transform((32, 16))))
     (w, s), t = ds[0]
     assert w.shape == s.shape == (3, 32, 16) and type(w) is torch.Tensor
 
@@ -284,7 +285,7 @@ def test_subsets():
 @pytest.mark.parametrize("rates", [dict(split=0.3, merge=0.1, flip=0.02, junk=0.05),
                                    dict(split=0.2, merge=0.2, flip=0.08, junk=0.1)])
 def test_toy_noise_rates_measured(tmp_path, rates):
-    t = make_toy_dataset(tmp_path, **SMALL, **rates)
+    t = make_toy_dataset(tmp_path, **SMALL, switch=0.0, **rates)   # switches would count as merges
     ds = LMDBDataset(t.lmdb)
     r = measure_noise(ds.labels, ds.meta["true_pids"])
     for k, v in rates.items(): assert abs(r[k] - v) <= 0.02, (k, r[k], v)
@@ -384,3 +385,48 @@ def test_distributed_samplers_disjoint_equal_shares():
     assert list(shuf[0]) != outs[0]  # advances its epoch
     with pytest.raises(ValueError, match="rank 4 is not in"):
         DistributedPKSampler(labels, 4, 2, num_replicas=4, rank=4)
+
+
+# ---------------------------------------------------------------- fast training views: same distributions as torchvision v2
+
+def _v2_strong(size):
+    "The strong view as it was composed from torchvision v2 classes (25x25 blur kernel at 256x128)."
+    from torchvision.transforms import v2
+    from lupnl.data import IMAGENET_MEAN, IMAGENET_STD
+    k = 2 * int(0.05 * size[0]) + 1
+    return v2.Compose([v2.ToImage(), v2.RandomResizedCrop(size, scale=(0.2, 1.0), antialias=True),
+                       v2.RandomGrayscale(p=0.2), v2.RandomApply([v2.GaussianBlur(k, sigma=(0.1, 2.0))], p=0.5),
+                       v2.RandomHorizontalFlip(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+                       v2.RandomErasing(p=0.5, scale=(0.02, 0.6), value=0), v2.ToPureTensor()])
+
+
+def _v2_train(size, pad, erase):
+    from torchvision.transforms import v2
+    from lupnl.data import IMAGENET_MEAN, IMAGENET_STD
+    return v2.Compose([v2.ToImage(), v2.Resize(size, antialias=True), v2.RandomHorizontalFlip(), v2.Pad(pad),
+                       v2.RandomCrop(size), v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+                       v2.RandomErasing(p=erase, value=0), v2.ToPureTensor()])
+
+
+def _stats(tf, img, n, seed):
+    "Per-sample summaries of `n` views: mean, std, left-right asymmetry, high-frequency energy, erased fraction."
+    torch.manual_seed(seed)
+    x = torch.stack([tf(img) for _ in range(n)])
+    d = (x[..., 1:, :] - x[..., :-1, :]).abs()
+    hf, jump = d.mean((1, 2, 3)), d.flatten(1).quantile(0.99, dim=1)   # blur lowers the jumps at block edges
+    lr = (x[..., : x.shape[-1] // 2].mean((1, 2, 3)) - x[..., x.shape[-1] // 2:].mean((1, 2, 3)))
+    return dict(mean=x.mean((1, 2, 3)), std=x.std((1, 2, 3)), lr=lr, hf=hf, jump=jump, erased=(x == 0).all(1).float().mean((1, 2)))
+
+
+@pytest.mark.parametrize("which", ["strong", "train"])
+def test_fast_views_match_v2_distributions(which):
+    from scipy.stats import ks_2samp
+    rng = np.random.default_rng(3)
+    base = rng.integers(0, 256, (8, 4, 3)).astype(np.uint8)   # a blocky image: blur, crops and flips all show
+    img = Image.fromarray(base).resize((64, 128), Image.NEAREST)
+    size = (128, 64)
+    fast, ref = ((pretrain_strong_transform(size), _v2_strong(size)) if which == "strong"
+                 else (reid_train_transform(size, pad=5, erase=0.5), _v2_train(size, 5, 0.5)))
+    a, b = _stats(fast, img, 1500, 0), _stats(ref, img, 1500, 1)
+    for k in a:   # every summary is distributed alike (two-sample KS test; rounded: float rounding must not split ties)
+        assert ks_2samp(a[k].numpy().round(3), b[k].numpy().round(3)).pvalue > 1e-3, k

@@ -429,8 +429,13 @@ def test_rank_result_repr_and_dict():
 # ------------------------------------------------------------------------------------------ papermill
 
 
+def _images_state():
+    return {p.name: (p.stat().st_mtime_ns, p.stat().st_size) for p in (REPO / "images").iterdir()}
+
+
 def test_papermill_defaults(tmp_path):
-    "The evaluation chapter runs headless with its defaults on the built-in data, in a few minutes."
+    "The evaluation chapter runs headless with its defaults on the built-in data, in a few minutes, and writes nothing into images/."
+    before = _images_state()
     t0 = time.time()
     res = subprocess.run([sys.executable, "-m", "papermill", "nbs/05_evaluate.ipynb", str(tmp_path / "out.ipynb"),
                           "--log-level", "WARNING"], cwd=REPO, capture_output=True, text=True,
@@ -442,3 +447,25 @@ def test_papermill_defaults(tmp_path):
     cells = json.loads((tmp_path / "out.ipynb").read_text())["cells"]
     code = [c for c in cells if c["cell_type"] == "code"]
     assert code and all(c["metadata"]["papermill"]["status"] == "completed" for c in code)
+    real = [c for c in code if "if run_real" in "".join(c["source"])]
+    assert real and not any(c["outputs"] for c in real), "the real-data cells ran without run_real"
+    assert _images_state() == before
+
+
+def test_papermill_parameters(tmp_path, shared_data):
+    "`-p run_real True` runs the real-data cells (not overwritten by a later cell), `-p out_dir` gets the figure; a misspelt -p fails."
+    before = _images_state()
+    env = {**os.environ, "MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, "-m", "papermill", "nbs/05_evaluate.ipynb", str(tmp_path / "out.ipynb"),
+                          "-p", "run_real", "True", "-p", "data", str(shared_data), "-p", "out_dir", str(tmp_path / "figs"),
+                          "--log-level", "WARNING"], cwd=REPO, capture_output=True, text=True, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    cells = json.loads((tmp_path / "out.ipynb").read_text())["cells"]
+    printed = "".join(o.get("text", "") if isinstance(o.get("text"), str) else "".join(o.get("text", []))
+                      for c in cells if c["cell_type"] == "code" and "if run_real" in "".join(c["source"]) for o in c["outputs"])
+    assert "'mAP': 75.9" in printed and "'mAP': 52.3" in printed, printed[:2000]
+    assert (tmp_path / "figs" / "retrieval_toy.png").stat().st_size > 10_000
+    assert _images_state() == before
+    bad = subprocess.run([sys.executable, "-m", "papermill", "nbs/05_evaluate.ipynb", str(tmp_path / "bad.ipynb"),
+                          "-p", "run_rael", "True", "--log-level", "WARNING"], cwd=REPO, capture_output=True, text=True, env=env)
+    assert bad.returncode != 0 and "did you mean 'run_real'" in bad.stderr + bad.stdout

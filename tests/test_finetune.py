@@ -167,6 +167,65 @@ def test_init_imagenet_needs_a_local_file(tmp_path, monkeypatch):
     assert report.missing == [] and report.source.endswith("resnet18-f37072fd.pth")
 
 
+
+def test_init_from_safetensors(tmp_path):
+    "Fine-tuning `init` reads the backbone.safetensors that pre-training writes (via lupnl.models.save_backbone)."
+    from lupnl.models import save_backbone
+    src = resnet_trunk("resnet18")
+    pth, st = save_backbone(src, tmp_path)
+    assert st.name == "backbone.safetensors" and st.is_file()
+    for head in ("bot", "mgn"):
+        model, report = build_model(FinetuneConfig(model=head, init=str(st)), num_classes=3)
+        assert report.missing == [] and report.unexpected == [] and report.source == str(st)
+        conv1 = model.backbone.conv1 if head == "bot" else model.stem[0]
+        assert torch.equal(conv1.weight, src.conv1.weight)
+    save_backbone(resnet_trunk("resnet50"), tmp_path / "r50")
+    with pytest.raises(ValueError, match="does not fit the resnet18 trunk"):
+        build_model(FinetuneConfig(init=str(tmp_path / "r50" / "backbone.safetensors")), 3)
+    (tmp_path / "torn.safetensors").write_bytes(st.read_bytes()[:100])
+    with pytest.raises(ValueError, match="cannot read safetensors file"):
+        build_model(FinetuneConfig(init=str(tmp_path / "torn.safetensors")), 3)
+
+
+# ---------------------------------------------------------------- ViT trunks
+
+def test_vit_bot_shapes_and_gradients():
+    "BoT on a timm ViT: class-token feature -> BNNeck -> classifier; gradients reach the patch embedding."
+    from lupnl.models import build_trunk
+    model = ft.BoT(build_trunk("vit_small_patch16", depth=1), num_classes=7).train()
+    out = model(torch.randn(8, 3, 32, 16))                               # 2x1 patches: timm's dynamic image size
+    assert [l.shape for l in out["logits"]] == [(8, 7)] and [f.shape for f in out["feats"]] == [(8, 384)]
+    loss, _, _ = ft.reid_losses(out, torch.arange(4).repeat_interleave(2), FinetuneConfig())
+    loss.backward()
+    assert model.backbone.patch_embed.proj.weight.grad.abs().sum() > 0
+    assert model.eval()(torch.randn(3, 3, 64, 32)).shape == (3, 384)
+    m, report = build_model(FinetuneConfig(arch="vit_base_patch16", trunk_depth=1), 5)
+    assert report is None and m.bnneck.num_features == 768 and len(m.backbone.blocks) == 1
+
+
+def test_vit_refusals(tmp_path):
+    "MGN and ImageNet weights are ResNet things: a ViT config says so at once; trunk_depth is a ViT knob only."
+    from lupnl.models import ARCHS, VIT_ARCHS, build_trunk
+    assert ft.ARCH_CHOICES == ARCHS + tuple(VIT_ARCHS)
+    with pytest.raises(ValueError, match=r"MGN needs a ResNet trunk \(its branches copy layer3/layer4\); use --model bot"):
+        FinetuneConfig(model="mgn", arch="vit_small_patch16")
+    with pytest.raises(ValueError, match="MGN needs a ResNet trunk"):
+        MGN(build_trunk("vit_small_patch16", depth=1), 3)
+    with pytest.raises(ValueError, match="nothing is downloaded"):
+        FinetuneConfig(arch="vit_base_patch16", init="imagenet")
+    with pytest.raises(ValueError, match="nothing is downloaded"):
+        ft.imagenet_weights("vit_small_patch16")
+    with pytest.raises(ValueError, match="trunk_depth is for ViT trunks only"):
+        FinetuneConfig(trunk_depth=2)
+    with pytest.raises(ValueError, match="vit_small_patch16"):
+        FinetuneConfig(arch="vit_tiny")
+    torch.save(export_backbone(resnet_trunk("resnet18")), tmp_path / "r18.pth")     # a ResNet file for a ViT: refused
+    with pytest.raises(ValueError, match="does not fit the vit_small_patch16 trunk|only .* match"):
+        build_model(FinetuneConfig(arch="vit_small_patch16", trunk_depth=1, init=str(tmp_path / "r18.pth")), 3)
+    bad = subprocess.run([sys.executable, "-m", "lupnl.finetune", "--model", "mgn", "--arch", "vit_small_patch16",
+                          "--out_dir", str(tmp_path / "x")], capture_output=True, text=True, cwd=tmp_path)
+    assert bad.returncode != 0 and "use --model bot" in bad.stderr and not (tmp_path / "x").exists()
+
 # ---------------------------------------------------------------- resume
 
 def test_resume_continues_and_replays_exactly(tmp_path):
@@ -231,6 +290,7 @@ def _parameters_cell(nb_path):
 
 def test_parameters_cell_is_the_config():
     params = _parameters_cell(NB)
+    assert params.pop("run_real") is None                     # the notebook's switch, not a config field
     defaults = asdict(FinetuneConfig())
     assert list(params) == [f.name for f in fields(FinetuneConfig)]
     assert FinetuneConfig(**params) == FinetuneConfig() and len(params) == len(defaults)
@@ -248,3 +308,21 @@ def test_papermill_defaults(tmp_path):
     assert {"mAP", "rank1", "mINP"} <= set(rows[-1])
     assert (out_dir / "checkpoint.pth").is_file() and (out_dir / "curves.png").is_file()
     assert "init=random" in (out_dir / "log.txt").read_text()
+
+
+def test_help_is_fast_and_explains():
+    "`python -m lupnl.finetune --help` answers before torch is imported, with each field's doc, choices and reference value."
+    t0 = time.time()
+    res = subprocess.run([sys.executable, "-m", "lupnl.finetune", "--help"], capture_output=True, text=True, check=True)
+    seconds = time.time() - t0
+    text = " ".join(res.stdout.split())
+    assert "one of: bot, mgn" in text and "reference: BoT 3.5e-4 (adam), MGN 1e-2 (sgd)" in text
+    assert seconds < 3, seconds
+
+
+def test_papermill_unknown_parameter_fails(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "papermill", str(NB), str(tmp_path / "out.ipynb"), "-p", "out_dir",
+                          str(tmp_path / "run"), "-p", "modle", "mgn"], capture_output=True, text=True, cwd=REPO,
+                         env={**os.environ, "MPLBACKEND": "Agg"})
+    assert res.returncode != 0 and "unknown parameter 'modle' (did you mean 'model'?)" in res.stdout + res.stderr
+    assert not (tmp_path / "run").exists()

@@ -7,60 +7,12 @@ import pytest
 import torch
 import torchvision
 
-from lupnl.data import LMDBDataset, toy_dataset, write_lmdb
-from lupnl.pretrain import PretrainConfig, config_args, load_checkpoint, read_metrics, torchrun_command
+from lupnl.pretrain import PretrainConfig, config_args, load_checkpoint, read_metrics, torchrun_command, train
 
 REPO = Path(__file__).resolve().parents[1]
-# Every run of this file uses its own data folder, so the papermill run below generates the built-in data
-# (its time limit includes that). OMP_WAIT_POLICY=PASSIVE: OpenMP threads that spin-wait slow torch down
-# tenfold when the 2 cores are shared with other processes; it changes nothing on an idle machine.
+# The fixtures data_home, env, tiny_lmdb, tiny_bench and tiny_config live in conftest.py (shared with test_bad_input.py).
 EXPECTED_KEYS = {"epoch", "lr", "loss", "loss_cls", "loss_proto", "loss_inst", "acc_inst", "acc_cls", "epoch_time",
                  "corrected", "purity_before", "purity", "precision", "recall"}
-
-
-@pytest.fixture(scope="session")
-def data_home(tmp_path_factory):
-    "LUPNL_DATA for the runs of this file: a fresh folder (the first run generates the toy data in it)."
-    return tmp_path_factory.mktemp("lupnl_data")
-
-
-@pytest.fixture(scope="session")
-def env(data_home):
-    return dict(os.environ, LUPNL_DATA=str(data_home), OMP_WAIT_POLICY="PASSIVE", PYTHONUNBUFFERED="1",
-                MPLBACKEND="Agg")
-
-
-@pytest.fixture(scope="session")
-def tiny_lmdb(data_home, tmp_path_factory):
-    "The first 128 crops of the toy data (about 9 identities) as their own LUPerson-NL LMDB (noisy pids + true_pids)."
-    toy = toy_dataset(data_home / "toy", progress=False)
-    ds = LMDBDataset(toy.lmdb)
-    n = 128
-    out = tmp_path_factory.mktemp("tiny") / "lmdb"
-    write_lmdb(out, ((ds.read_bytes(i), int(ds.labels[i])) for i in range(n)), progress=False,
-               extra={"true_pids": list(ds.meta["true_pids"][:n])})
-    return out
-
-
-@pytest.fixture(scope="session")
-def tiny_bench(data_home, tmp_path_factory):
-    "The built-in benchmark cut to 12 test identities (their queries and gallery images) and a few train images."
-    bench = toy_dataset(data_home / "toy", progress=False).bench
-    out = tmp_path_factory.mktemp("tiny_bench")
-    pids = sorted({f.name.split("_")[0] for f in (bench / "query").glob("*.jpg")})[:12]
-    for sub, keep in (("query", pids), ("bounding_box_test", pids), ("bounding_box_train", None)):
-        files = sorted((bench / sub).glob("*.jpg"))
-        files = [f for f in files if f.name.split("_")[0] in keep] if keep else files[:20]
-        (out / sub).mkdir()
-        for f in files: shutil.copy(f, out / sub / f.name)
-    return out
-
-
-def tiny_config(data, bench, out_dir, epochs, **kwargs):
-    "A run of seconds per epoch on `tiny_lmdb` / `tiny_bench`: 32x16 crops, global batch 16, correction and label guidance from epoch 1."
-    return PretrainConfig(**{**dict(data=str(data), bench=str(bench), out_dir=str(out_dir), epochs=epochs, batch_size=16,
-                                    img_size=(32, 16), lr=0.03, lr_steps=(), queue_size=64, correct_start=1,
-                                    label_guided_start=1, eval_every=0), **kwargs})
 
 
 def check_backbone(path, arch="resnet18"):
@@ -79,6 +31,7 @@ def test_parameters_cell_is_the_config():
     params = {}
     exec("".join(cells[0]["source"]), params)
     params.pop("__builtins__")
+    assert params.pop("run_ablation") is None                 # the notebook's switch, not a config field
     assert params == asdict(PretrainConfig())
 
 
@@ -105,7 +58,7 @@ def test_papermill_defaults(tmp_path, env):
     assert (out / "metrics.png").stat().st_size > 0
 
 
-def test_kill_and_resume(tmp_path, env, tiny_lmdb, tiny_bench):
+def test_kill_and_resume(tmp_path, env, tiny_lmdb, tiny_bench, tiny_config):
     "SIGKILL a run right after its first checkpoint; running it again resumes there and replays the uninterrupted run."
     epochs = 3
     cmd = [sys.executable, "-m", "lupnl.pretrain"]
@@ -146,7 +99,7 @@ def test_kill_and_resume(tmp_path, env, tiny_lmdb, tiny_bench):
             if k in b: assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), (a["epoch"], k, a[k], b[k])
 
 
-def test_ddp_two_processes_gloo(tmp_path, env, tiny_lmdb, tiny_bench):
+def test_ddp_two_processes_gloo(tmp_path, env, tiny_lmdb, tiny_bench, tiny_config):
     "torchrun with 2 CPU processes (gloo): completes; queue, prototypes, labels and weights agree across ranks; it learns."
     out, epochs = tmp_path / "ddp", 3
     cmd = torchrun_command(tiny_config(tiny_lmdb, tiny_bench, out, epochs, queue_size=40, dump_state=True), 2)
@@ -167,3 +120,94 @@ def test_ddp_two_processes_gloo(tmp_path, env, tiny_lmdb, tiny_bench):
     assert res.stdout.count(f"epoch={epochs - 1} ") == 1
     assert rows[-1]["loss_cls"] < rows[0]["loss_cls"] and rows[-1]["acc_cls"] > rows[0]["acc_cls"]
     check_backbone(out / "backbone.pth")
+
+
+def test_help_is_fast_and_explains(env):
+    "`python -m lupnl.pretrain --help` answers before torch is imported, with each field's doc, choices and reference value."
+    t0 = time.time()
+    res = subprocess.run([sys.executable, "-m", "lupnl.pretrain", "--help"], env=env, capture_output=True, text=True, check=True)
+    seconds = time.time() - t0
+    text = " ".join(res.stdout.split())
+    assert "--lr LR peak learning rate (default: 0.1; reference: 0.4 at batch 1536)" in text
+    assert "one of: pnl, ce, moco, no_proto, no_correction, no_label_guided" in text
+    assert "--timeout TIMEOUT seconds a DDP process waits" in text
+    print(f"--help: {seconds:.2f} s")
+    assert seconds < 3, seconds
+
+
+def test_papermill_unknown_parameter_fails(tmp_path, env):
+    "`papermill ... -p epoch 2` (a typo) fails before any training and names the nearest parameter."
+    res = subprocess.run([sys.executable, "-m", "papermill", "nbs/03_pretrain.ipynb", str(tmp_path / "out.ipynb"),
+                          "-p", "out_dir", str(tmp_path / "run"), "-p", "epoch", "2"], cwd=REPO, env=env,
+                         capture_output=True, text=True)
+    assert res.returncode != 0
+    assert "unknown parameter 'epoch' (did you mean 'epochs'?)" in res.stdout + res.stderr, (res.stdout + res.stderr)[-3000:]
+    assert not (tmp_path / "run").exists()
+
+
+def test_notebook_switch_is_not_overwritten():
+    "`-p run_ablation True` survives the notebook's later cells (None means: only under nbdev_test --flags slow)."
+    nb = json.loads((REPO / "nbs" / "03_pretrain.ipynb").read_text())
+    cell = next(c for c in nb["cells"] if "ablation_cfg = replace" in "".join(c["source"]))
+    code = "".join(l for l in "".join(cell["source"]).splitlines(True) if l.startswith("if run_ablation"))
+    for given, env_in_test, expected in ((True, None, True), (False, "1", False), (None, "1", True), (None, None, False)):
+        ns = dict(run_ablation=given, os=os)
+        os.environ.pop("IN_TEST", None) if env_in_test is None else os.environ.__setitem__("IN_TEST", env_in_test)
+        try: exec(code, ns)
+        finally: os.environ.pop("IN_TEST", None)
+        assert ns["run_ablation"] is expected, (given, env_in_test)
+
+
+def test_backbone_safetensors(tmp_path, tiny_lmdb, tiny_bench, tiny_config):
+    "A run writes backbone.safetensors beside backbone.pth: the same tensors, torchvision names, readable by plain safetensors."
+    from safetensors.torch import load_file
+    from lupnl.models import load_pretrained, resnet_trunk
+    out = tmp_path / "run"
+    train(tiny_config(tiny_lmdb, tiny_bench, out, 1))
+    st = load_file(out / "backbone.safetensors")
+    res = torchvision.models.resnet18().load_state_dict(st, strict=False)
+    assert set(res.missing_keys) == {"fc.weight", "fc.bias"} and not res.unexpected_keys
+    pth = torch.load(out / "backbone.pth", weights_only=True)
+    assert st.keys() == pth.keys() and all(torch.equal(st[k], pth[k]) for k in st)
+    ckpt = load_checkpoint(out / "checkpoint.pth")
+    assert torch.equal(st["layer4.1.conv2.weight"], ckpt["model"]["encoder_q.trunk.layer4.1.conv2.weight"])  # the query trunk
+    trunk = resnet_trunk("resnet18")
+    report = load_pretrained(trunk, out / "backbone.safetensors", verbose=False)
+    assert report.missing == [] and report.unexpected == [] and len(report.loaded) == len(st)
+    assert torch.equal(trunk.conv1.weight, st["conv1.weight"])
+    assert not list(out.glob("*.tmp*"))                                  # both written atomically, nothing left over
+
+
+def test_vit_pretrains_and_fine_tunes(tmp_path, tiny_lmdb, tiny_bench, tiny_config):
+    "ViT-S/16 (full depth, timm, random init) pre-trains on CPU at 32x16 crops (2x1 patches); BoT fine-tunes from its safetensors."
+    import lupnl.finetune as ft
+    from safetensors.torch import load_file
+    out = tmp_path / "vit"
+    t0 = time.time()
+    rows = train(tiny_config(tiny_lmdb, tiny_bench, out, 1, arch="vit_small_patch16"))
+    print(f"ViT-S pre-training, 1 epoch of 8 steps: {time.time() - t0:.1f} s")
+    assert len(rows) == 1 and all(math.isfinite(rows[0][k]) for k in ("loss", "loss_cls", "loss_proto", "loss_inst"))
+    assert 0 < rows[0]["mAP"] <= 100
+    st = load_file(out / "backbone.safetensors")
+    assert st["pos_embed"].shape == (1, 1 + 16 * 8, 384) and sum(k.endswith("attn.qkv.weight") for k in st) == 12
+    t0 = time.time()
+    cfg = ft.FinetuneConfig(arch="vit_small_patch16", init=str(out / "backbone.safetensors"), epochs=1, id_ratio=0.3,
+                            P=4, K=4, img_size=(64, 32), eval_every=0, out_dir=str(tmp_path / "ft"))
+    model, ft_rows = ft.train(cfg)
+    print(f"ViT-S BoT fine-tuning, 1 epoch: {time.time() - t0:.1f} s")
+    assert "loaded 150 trunk tensors; missing 0" in (tmp_path / "ft" / "log.txt").read_text()
+    assert len(ft_rows) == 1 and math.isfinite(ft_rows[0]["loss"]) and 0 < ft_rows[0]["mAP"] <= 100
+    assert model.backbone.pos_embed.shape == st["pos_embed"].shape
+
+
+def test_vit_command_line(tmp_path, env, tiny_lmdb, tiny_bench, tiny_config):
+    "`python -m lupnl.pretrain --arch vit_small_patch16 --trunk_depth 1` runs and writes metrics; a ResNet refuses trunk_depth."
+    out = tmp_path / "vit_cli"
+    args = config_args(tiny_config(tiny_lmdb, tiny_bench, out, 1, arch="vit_small_patch16", trunk_depth=1))
+    assert args[args.index("--arch") + 1] == "vit_small_patch16" and args[args.index("--trunk_depth") + 1] == "1"
+    subprocess.run([sys.executable, "-m", "lupnl.pretrain", *args], env=env, cwd=tmp_path, check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    assert [r["epoch"] for r in read_metrics(out)] == [0] and (out / "backbone.safetensors").is_file()
+    bad = subprocess.run([sys.executable, "-m", "lupnl.pretrain", "--trunk_depth", "2", "--out_dir", str(tmp_path / "bad")],
+                         env=env, cwd=tmp_path, capture_output=True, text=True)
+    assert bad.returncode != 0 and "trunk_depth is for ViT trunks only" in bad.stderr and not (tmp_path / "bad").exists()

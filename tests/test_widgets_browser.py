@@ -1,7 +1,16 @@
 """Real-browser test of the widgets chapter: JupyterLab serves a copy of nbs/, headless Chromium (selenium)
 opens nbs/06_widgets.ipynb, runs all cells from the Run menu, and we use the widgets as a person would:
 pick another label in the cluster explorer, switch its colouring, press "Next failure" in the retrieval browser,
-and check that the views update. Screenshots of both widgets go to images/.
+and check that the views update. Screenshots of both widgets go to the test's temporary folder: the test writes
+nothing into the repository.
+
+The README's widget figures come from the same session, run as a script on a trained model: the one command that
+writes them (its parameters go into the notebook copy with papermill; before the screenshots it picks a label with
+an ID switch and a query with both correct and wrong matches). The README's figures: PNL pre-trained 24 epochs on
+the built-in data (mAP ~55 on the built-in benchmark), from the repository root:
+
+    .venv/bin/python -m lupnl.pretrain --out_dir runs/pnl24 --epochs 24 --lr_steps 18 --eval_every 6
+    .venv/bin/python tests/test_widgets_browser.py --out images --checkpoint runs/pnl24/checkpoint.pth
 
 Needs chromium + chromedriver (.ci/system-deps installs them on Debian). Without them the test is skipped
 locally and fails under CI (CI=true). Nothing is fetched from the network."""
@@ -11,8 +20,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = "06_widgets.ipynb"
-SHOTS = {"lupnl-cluster-explorer": REPO / "images" / "widget_cluster_explorer.png",
-         "lupnl-retrieval-browser": REPO / "images" / "widget_retrieval_browser.png"}
+SHOTS = {"lupnl-cluster-explorer": "widget_cluster_explorer.png", "lupnl-retrieval-browser": "widget_retrieval_browser.png"}
 RUN_TIMEOUT = 900        # s for "Run All Cells" (UMAP's first-call numba compile alone is ~20 s on 2 cores)
 UI_TIMEOUT = 120         # s for the page / a widget to react
 
@@ -79,7 +87,7 @@ def _write_settings(root):
 class Lab:
     "A JupyterLab server on 127.0.0.1 serving `root_dir`, with a token, in its own process group."
     def __init__(self, root_dir, home):
-        self.port, self.token = _free_port(), secrets.token_hex(16)
+        self.port, self.token, self.home = _free_port(), secrets.token_hex(16), home
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {**os.environ, "JUPYTER_CONFIG_DIR": str(home / "config"), "JUPYTER_DATA_DIR": str(home / "data"),
                     "JUPYTER_RUNTIME_DIR": str(home / "runtime"), "JUPYTERLAB_SETTINGS_DIR": str(home / "settings"),
@@ -105,9 +113,10 @@ class Lab:
             if time.time() > deadline: raise TimeoutError(f"JupyterLab did not start in {UI_TIMEOUT}s:\n{self.logs()}")
             time.sleep(0.5)
 
-    def api(self, path, method="GET"):
+    def api(self, path, method="GET", body=None):
         req = urllib.request.Request(f"{self.url}/api/{path}", method=method,
-                                     headers={"Authorization": f"token {self.token}"})
+                                     data=None if body is None else json.dumps(body).encode(),
+                                     headers={"Authorization": f"token {self.token}", "Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=10) as r:
             body = r.read()
         return json.loads(body) if body else {}
@@ -209,8 +218,63 @@ def _img_srcs(el, css):
     return [i.get_attribute("src") for i in el.find_elements(By.CSS_SELECTOR, css)]
 
 
-@pytest.mark.slow
-def test_widgets_in_jupyterlab():
+def _start_kernel(lab, path):
+    """Start the notebook's session and kernel through the REST API and wait until the kernel is idle, before the page
+    opens. A page that starts the kernel itself races it on a busy machine: jupyter_server may answer the first
+    websocket with a 500 ('kernel_ws_protocol'), a second kernel gets started, and the page ends up on a kernel that
+    never runs its cells, or without the widget models ("Error displaying widget: model not found")."""
+    s = lab.api("sessions", "POST", {"path": path, "name": Path(path).name, "type": "notebook", "kernel": {"name": "python3"}})
+    kid = s["kernel"]["id"]
+    from jupyter_client import BlockingKernelClient
+    kc = BlockingKernelClient(connection_file=str(_wait(lambda: next(lab.home.glob(f"runtime/kernel-{kid}.json"), None),
+                                                       UI_TIMEOUT, "the kernel's connection file")))
+    kc.load_connection_file()
+    kc.start_channels()
+    try: kc.wait_for_ready(timeout=UI_TIMEOUT)   # the kernel answers kernel_info: it is up
+    finally: kc.stop_channels()
+    return kid
+
+
+def _parameterize(path, parameters):
+    "Inject papermill parameters into the notebook at `path` (a cell after its `parameters` cell), in place."
+    import nbformat
+    from papermill.iorw import load_notebook_node
+    from papermill.parameterize import parameterize_notebook
+    nbformat.write(parameterize_notebook(load_notebook_node(str(path)), parameters), path)
+
+
+def _show_mixed_label(ex, tries=12):
+    "Select, from the suspects list, the first label whose crops hold several true people (an ID switch), if any."
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+    info = lambda: ex.find_element(By.CSS_SELECTOR, ".widget-html").text
+    suspects = Select(ex.find_element(By.CSS_SELECTOR, ".widget-select select"))
+    for value in [o.get_attribute("value") for o in suspects.options][:tries]:
+        suspects.select_by_value(value)
+        label = suspects.first_selected_option.text.split(":")[0]
+        _wait(lambda: f"label {label}:" in info(), UI_TIMEOUT, f"label {label}")
+        people = info().split("true identities: ")[-1].split(", ")
+        if len(people) > 1 and not any(p.startswith("junk") for p in people): return label
+
+
+def _show_mixed_query(rb):
+    "Select the first query whose AP is between 0.4 and 0.9: correct and wrong matches side by side."
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+    queries = Select(rb.find_element(By.CSS_SELECTOR, ".widget-dropdown select"))
+    for o in queries.options:
+        ap = re.search(r"AP (\d\.\d+)", o.text)
+        if ap and 0.4 <= float(ap.group(1)) <= 0.9:
+            queries.select_by_visible_text(o.text)
+            _wait(lambda: f"query {o.text.split()[0]} (" in next(h.text for h in rb.find_elements(By.CSS_SELECTOR, ".widget-html")
+                                                                if "query #" in h.text), UI_TIMEOUT, "the query")
+            return o.text
+
+
+def widgets_session(shots_dir, parameters=None, showcase=False):
+    """Run 06_widgets in JupyterLab + headless Chromium, use both widgets, save their screenshots in `shots_dir`
+    (returned: {name: path}). `parameters`: papermill parameters for the notebook (e.g. a checkpoint). `showcase`:
+    before each screenshot, pick a label with an ID switch and a query with both correct and wrong matches."""
     chromium, chromedriver = _require_browser()
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select
@@ -220,13 +284,16 @@ def test_widgets_in_jupyterlab():
     try:
         root = home / "repo"
         shutil.copytree(REPO / "nbs", root / "nbs", ignore=shutil.ignore_patterns(".ipynb_checkpoints"))
-        (root / "images").mkdir()  # the notebook saves its figures to ../images: keep them in the copy
+        if parameters: _parameterize(root / "nbs" / NOTEBOOK, parameters)
+        shots = {k: Path(shots_dir) / name for k, name in SHOTS.items()}
+        Path(shots_dir).mkdir(parents=True, exist_ok=True)
         _write_settings(home)
         t0 = time.time()
         lab = Lab(root, home)
         spec = lab.api("kernelspecs")["kernelspecs"]["python3"]["spec"]["argv"][0]
         assert _runs_here(spec, lab.env), f"the lab's python3 kernel runs {spec}, not {sys.executable}"
         driver = _chrome(chromium, chromedriver, home / "chrome-profile")
+        _start_kernel(lab, f"nbs/{NOTEBOOK}")
         driver.get(f"{lab.url}/lab/tree/nbs/{NOTEBOOK}?token={lab.token}")
         # the notebook is open and its kernel is ready
         _wait(lambda: driver.find_elements(By.CSS_SELECTOR, ".jp-NotebookPanel .jp-CodeCell"), UI_TIMEOUT, "the notebook")
@@ -245,9 +312,10 @@ def test_widgets_in_jupyterlab():
         _wait(lambda: len(_img_srcs(ex, ".lupnl-grid img")) > 0, UI_TIMEOUT, "grid images")
         plot = ex.find_element(By.CSS_SELECTOR, ".widget-image")  # the UMAP map comes first
         assert plot.size["width"] > 200 and plot.size["height"] > 200, plot.size
+        if showcase: print("explorer shows label", _show_mixed_label(ex))
         driver.execute_script("arguments[0].scrollIntoView({block: 'start'});", ex)
         time.sleep(1)
-        ex.screenshot(str(SHOTS["lupnl-cluster-explorer"]))
+        ex.screenshot(str(shots["lupnl-cluster-explorer"]))
 
         # choose another label in the dropdown: the info line, the grid images and the map change
         select = Select(ex.find_element(By.CSS_SELECTOR, ".widget-dropdown select"))
@@ -275,9 +343,10 @@ def test_widgets_in_jupyterlab():
         for css in (".widget-dropdown select", ".widget-slider", ".widget-checkbox", ".widget-button"):
             assert rb.find_elements(By.CSS_SELECTOR, css), f"retrieval browser has no {css}"
         _wait(lambda: len(_img_srcs(rb, ".lupnl-results img")) > 1, UI_TIMEOUT, "the query and its results")
+        if showcase: print("browser shows query", _show_mixed_query(rb))
         driver.execute_script("arguments[0].scrollIntoView({block: 'start'});", rb)
         time.sleep(1)
-        rb.screenshot(str(SHOTS["lupnl-retrieval-browser"]))
+        rb.screenshot(str(shots["lupnl-retrieval-browser"]))
         header = lambda: next(h.text for h in rb.find_elements(By.CSS_SELECTOR, ".widget-html") if "query #" in h.text)
         def query_no(): return int(re.search(r"query #(\d+)", header()).group(1))
         q0, results_before = query_no(), _img_srcs(rb, ".lupnl-results img")
@@ -291,8 +360,9 @@ def test_widgets_in_jupyterlab():
         _wait(lambda: dropdown.first_selected_option.get_attribute("value") is not None
               and dropdown.first_selected_option.text.startswith(f"#{q1} "), UI_TIMEOUT, "the dropdown to follow")
         print(f"\nbrowser test: lab start + run all cells {t_run:.0f}s, total {time.time() - t0:.0f}s")
-        for p in SHOTS.values(): assert p.stat().st_size > 10_000, p
+        for p in shots.values(): assert p.stat().st_size > 10_000, p
         ok = True
+        return shots
     except Exception:
         if lab is not None: print("JupyterLab log tail:\n" + lab.logs())
         if driver is not None:
@@ -304,3 +374,25 @@ def test_widgets_in_jupyterlab():
         if lab is not None: lab.stop()
         if ok: shutil.rmtree(home, ignore_errors=True)
         else: print(f"kept {home} (lab.log, failure.png) for inspection")
+
+
+@pytest.mark.slow
+def test_widgets_in_jupyterlab(tmp_path):
+    shots = widgets_session(tmp_path / "shots")
+    assert sorted(p.name for p in (tmp_path / "shots").iterdir()) == sorted(SHOTS.values())
+    assert all(p.parent == tmp_path / "shots" for p in shots.values())
+
+
+if __name__ == "__main__":
+    import argparse
+    ap = argparse.ArgumentParser(description="Screenshots of the widgets of nbs/06_widgets.ipynb, from a real JupyterLab "
+                                 "session (the README's figures: --out images).")
+    ap.add_argument("--out", required=True, help="folder for widget_cluster_explorer.png and widget_retrieval_browser.png")
+    ap.add_argument("--checkpoint", help="a lupnl checkpoint (pre-training or fine-tuning checkpoint.pth, backbone.pth, .onnx)")
+    ap.add_argument("--bench", help="benchmark folder for the retrieval browser (default: the run's own, else the built-in one)")
+    ap.add_argument("--data", help="LMDB for the cluster explorer (default: the pre-training run's, else the built-in one)")
+    args = ap.parse_args()
+    params = {k: str(Path(v).resolve()) for k, v in vars(args).items() if k in ("checkpoint", "bench", "data") and v}
+    t0 = time.time()
+    for name, path in widgets_session(Path(args.out), params, showcase=True).items(): print(f"{name}: {path}")
+    print(f"done in {time.time() - t0:.0f}s")

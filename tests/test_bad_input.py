@@ -1,0 +1,364 @@
+"""Bad input and bad luck for the two jobs (issue 12): resume of another run, two runs in one out_dir, full disks,
+temporary files of killed runs, a frozen DDP rank, skipped corrupt images, late or anonymous errors, and every
+lupnl checkpoint as fine-tuning `init`. Each test names the message a user sees."""
+import errno, json, os, signal, subprocess, sys, time, warnings
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+import lupnl.runs as runs
+from lupnl.data import LMDBDataset, write_lmdb
+from lupnl.pretrain import PretrainConfig, config_args, load_checkpoint, read_metrics, torchrun_command, train
+
+torch.set_num_threads(1)
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def finished(tiny_lmdb, tiny_bench, tmp_path_factory, tiny_config):
+    "A finished 1-epoch pre-training run (its out_dir and config), shared by the resume tests (each copies it)."
+    out = tmp_path_factory.mktemp("finished") / "run"
+    cfg = tiny_config(tiny_lmdb, tiny_bench, out, 1)
+    train(cfg)
+    return cfg
+
+
+def copy_run(cfg, dest):
+    "A copy of `cfg`'s out_dir at `dest` (checkpoint and log) and the config pointing there."
+    import shutil
+    shutil.copytree(cfg.out_dir, dest)
+    return replace(cfg, out_dir=str(dest))
+
+
+# ---------------------------------------------------------------- 1. resume refuses another run
+
+@pytest.mark.parametrize("change", [dict(lr=0.05), dict(seed=1), dict(temperature=0.2), dict(arch="resnet34")])
+def test_resume_refuses_changed_config(finished, tmp_path, change):
+    cfg = copy_run(finished, tmp_path / "run")
+    with pytest.raises(ValueError) as e:
+        train(replace(cfg, epochs=2, **change))
+    msg = str(e.value)
+    name, value = next(iter(change.items()))
+    assert f"cannot resume from {Path(cfg.out_dir) / 'checkpoint.pth'}" in msg
+    assert f"{name}: {getattr(finished, name)!r} in the checkpoint, {value!r} now" in msg
+    assert "--resume never" in msg and "epochs" in msg.split("may change on resume")[1]
+    assert [r["epoch"] for r in read_metrics(cfg.out_dir)] == [0]          # nothing was trained or logged
+
+
+def test_resume_may_extend_epochs(finished, tmp_path):
+    "More epochs (step schedule: the lr of the epochs done is unchanged), another eval cadence: accepted and continued."
+    cfg = copy_run(finished, tmp_path / "run")
+    rows = train(replace(cfg, epochs=2, eval_every=1, workers=0))
+    assert [r["epoch"] for r in rows] == [0, 1]
+    assert load_checkpoint(Path(cfg.out_dir) / "checkpoint.pth")["config"]["epochs"] == 2
+
+
+def test_resume_refuses_cosine_with_other_epochs(tiny_lmdb, tiny_bench, tmp_path, tiny_config):
+    cfg = tiny_config(tiny_lmdb, tiny_bench, tmp_path / "cos", 1, schedule="cosine")
+    train(cfg)
+    with pytest.raises(ValueError, match="cosine schedule depends on epochs"):
+        train(replace(cfg, epochs=2))
+
+
+def test_resume_refuses_other_data_of_the_same_size(finished, tiny_lmdb, tmp_path):
+    "Another LMDB with as many images (labels shifted): refused by the data fingerprint."
+    ds = LMDBDataset(tiny_lmdb)
+    other = tmp_path / "other_lmdb"
+    write_lmdb(other, ((ds.read_bytes(i), int(ds.labels[(i + 1) % len(ds)])) for i in range(len(ds))), progress=False,
+               extra={"true_pids": list(ds.meta["true_pids"])})
+    cfg = copy_run(finished, tmp_path / "run")
+    with pytest.raises(ValueError) as e:
+        train(replace(cfg, data=str(other), epochs=2))
+    assert "data: {'images': 128" in str(e.value) and "keys_sha256" in str(e.value)
+
+
+# ---------------------------------------------------------------- 2. one run per out_dir
+
+def test_second_run_into_the_same_out_dir_stops_at_once(tmp_path, tiny_lmdb, tiny_bench, env, tiny_config):
+    out = tmp_path / "run"
+    lock = runs.open_out_dir(out)                  # this process is "the first run"
+    try:
+        t0 = time.time()
+        res = subprocess.run([sys.executable, "-m", "lupnl.pretrain", *config_args(tiny_config(tiny_lmdb, tiny_bench, out, 1))],
+                             env=env, capture_output=True, text=True, cwd=tmp_path)
+        assert res.returncode != 0
+        assert f"{out} is in use by another run (pid {os.getpid()} on" in res.stderr, res.stderr[-2000:]
+        assert not (out / "metrics.jsonl").exists() and not (out / "checkpoint.pth").exists()
+        print(f"second run refused after {time.time() - t0:.1f} s (including the interpreter and torch import)")
+    finally:
+        lock.close()
+
+
+def test_lock_is_released_by_kill_9(tmp_path):
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", f"from lupnl.runs import open_out_dir; l = open_out_dir({str(out)!r}); "
+                               "print('locked', flush=True); import time; time.sleep(600)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(RuntimeError, match=f"pid {holder.pid} on"):
+            runs.open_out_dir(out)
+    finally:
+        holder.kill(); holder.wait()
+    runs.open_out_dir(out).close()                  # no stale lock to remove by hand
+
+
+# ---------------------------------------------------------------- 3, 4. full disks, torn logs, temporary files
+
+def test_full_disk_checkpoint_write(tmp_path, monkeypatch):
+    "torch.save fails half-way with ENOSPC: the temporary file is removed, the error names the path and the reason."
+    path = tmp_path / "checkpoint.pth"
+    runs.save_checkpoint(dict(epoch=1), path)
+    real_save = torch.save
+    def full_disk(obj, f, *a, **k):
+        f.write(b"x" * 4096)
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OSError) as e:
+        runs.save_checkpoint(dict(epoch=2), path)
+    assert e.value.errno == errno.ENOSPC
+    assert f"cannot write checkpoint {path}: no space left on device" in str(e.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pth"]
+    monkeypatch.setattr(torch, "save", real_save)
+    assert runs.load_checkpoint(path)["epoch"] == 1  # the previous checkpoint is intact
+
+
+def test_full_disk_in_a_run_then_resume(finished, tmp_path, monkeypatch):
+    "A run whose checkpoint write hits a full disk fails naming the file; the next run starts clean and resumes."
+    cfg = copy_run(finished, tmp_path / "run")
+    real = runs.atomic_write
+    def failing(path, write, what="file"):
+        if Path(path).name == "checkpoint.pth":
+            return real(path, lambda f: (f.write(b"partial"), (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device"))), what)
+        return real(path, write, what)
+    monkeypatch.setattr(runs, "atomic_write", failing)
+    with pytest.raises(OSError, match="no space left on device"):
+        train(replace(cfg, epochs=2))
+    monkeypatch.setattr(runs, "atomic_write", real)
+    assert not list(Path(cfg.out_dir).glob("*.tmp*"))
+    with open(Path(cfg.out_dir) / "metrics.jsonl", "a") as f: f.write('{"epoch": 1, "lr": 0.0')   # and a torn row
+    with pytest.warns(UserWarning, match=r"metrics.jsonl, line 3: torn last line"):
+        rows = train(replace(cfg, epochs=2))
+    assert [r["epoch"] for r in rows] == [0, 1]
+
+
+def test_metrics_json_error_names_file_and_line(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"epoch": 0}\n{"epoch": 1, oops}\n{"epoch": 2}\n')
+    with pytest.raises(ValueError, match=r"metrics.jsonl, line 2: not valid JSON"):
+        runs.read_metrics(tmp_path)
+
+
+def test_stale_temporary_files_removed_at_start(finished, tmp_path, capsys):
+    "Temporary files of killed runs (dead pids) go at the next start; a live process's are kept."
+    cfg = copy_run(finished, tmp_path / "run")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
+    out = Path(cfg.out_dir)
+    (out / f"checkpoint.pth.tmp{dead}").write_bytes(b"x" * 10000)
+    (out / f"backbone.pth.tmp{dead}").write_bytes(b"x" * 10000)
+    (out / f"checkpoint.pth.tmp{os.getppid()}").write_bytes(b"live")
+    train(replace(cfg, epochs=2))
+    assert sorted(p.name for p in out.glob("*.tmp*")) == [f"checkpoint.pth.tmp{os.getppid()}"]
+    assert f"removed 2 temporary file(s) of interrupted runs" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- 7. validation before the first epoch
+
+@pytest.mark.parametrize("flag,value,msg", [("--lr", "-1e-3", "PretrainConfig.lr must be > 0, not -0.001"),
+                                            ("--threshold", "1.5", "threshold must be in [0, 1]"),
+                                            ("--queue_size", "0", "queue_size must be in [1, inf]"),
+                                            ("--preset", "pnll", "invalid choice: 'pnll'")])
+def test_config_ranges_on_the_command_line(flag, value, msg):
+    res = subprocess.run([sys.executable, "-m", "lupnl.pretrain", flag, value], capture_output=True, text=True)
+    assert res.returncode != 0 and msg in res.stderr, res.stderr[-1500:]
+
+
+def test_unwritable_out_dir_fails_before_training(tmp_path, tiny_lmdb, tiny_bench, tiny_config):
+    "An out_dir that cannot be written fails at once, naming it (before data is read or an epoch trained)."
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(OSError, match=f"cannot create or write out_dir {tmp_path / 'a_file' / 'run'}: not a directory"):
+        train(tiny_config(tiny_lmdb, tiny_bench, tmp_path / "a_file" / "run", 1))
+    if os.geteuid() == 0: return                                     # root writes everywhere
+    ro = tmp_path / "ro"
+    ro.mkdir(); ro.chmod(0o500)
+    try:
+        with pytest.raises(OSError, match=f"cannot create or write out_dir {ro / 'run'}: permission denied"):
+            train(tiny_config(tiny_lmdb, tiny_bench, ro / "run", 1))
+    finally: ro.chmod(0o700)
+
+
+def test_zero_byte_checkpoint(finished, tmp_path):
+    cfg = copy_run(finished, tmp_path / "run")
+    (Path(cfg.out_dir) / "checkpoint.pth").write_bytes(b"")
+    with pytest.raises(RuntimeError, match=r"checkpoint .*checkpoint.pth is empty \(0 bytes\).*--resume never"):
+        train(cfg)
+
+
+def test_state_dict_mismatch_on_resume_names_checkpoint(finished, tmp_path):
+    "A checkpoint whose weights do not fit (here: another class count under the same config) names the file and the cause."
+    cfg = copy_run(finished, tmp_path / "run")
+    path = Path(cfg.out_dir) / "checkpoint.pth"
+    ck = load_checkpoint(path)
+    ck["model"] = {k: (v[:-1] if k in ("prototypes", "classifier.weight", "classifier.bias") else v) for k, v in ck["model"].items()}
+    ck["model"] = {k: (v[:-1] if k.startswith("encoder_q.classifier") and v.ndim > 0 else v) for k, v in ck["model"].items()}
+    torch.save(ck, path)
+    with pytest.raises(RuntimeError) as e:
+        train(replace(cfg, epochs=2))
+    assert str(path) in str(e.value) and "another architecture or number of classes" in str(e.value)
+
+
+# ---------------------------------------------------------------- 5. a frozen DDP rank
+
+def _ranks(torchrun_pid):
+    import psutil
+    return {int(p.environ().get("RANK", -1)): p for p in psutil.Process(torchrun_pid).children(recursive=True)
+            if "RANK" in p.environ()}
+
+
+@pytest.mark.slow
+def test_frozen_ddp_rank_fails_in_bounded_time(tmp_path, env, tiny_lmdb, tiny_bench, tiny_config):
+    "SIGSTOP rank 1 after the first epoch: with timeout=10 the job fails, saying why, long before torch's 30 minutes."
+    out = tmp_path / "ddp"
+    cmd = torchrun_command(tiny_config(tiny_lmdb, tiny_bench, out, 50, timeout=10), 2)
+    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 300
+        while not (out / "checkpoint.pth").exists():
+            assert proc.poll() is None and time.time() < deadline, "no first epoch"
+            time.sleep(0.1)
+        ranks = _ranks(proc.pid)
+        ranks[1].suspend()                                            # SIGSTOP
+        t0 = time.time()
+        output, _ = proc.communicate(timeout=180)
+        waited = time.time() - t0
+    finally:
+        for p in _ranks(proc.pid).values() if proc.poll() is None else []: p.kill()
+        if proc.poll() is None: proc.kill()
+    print(f"frozen rank: the job failed {waited:.0f} s after the SIGSTOP (timeout=10)")
+    assert proc.returncode != 0
+    assert "waited more than timeout=10" in output and "froze or died" in output, output[-3000:]
+    assert waited < 120
+
+
+# ---------------------------------------------------------------- fine-tuning: resume, lock, init (1, 2, 7, 8)
+
+from lupnl import finetune as ft
+from lupnl.models import export_backbone, resnet_trunk
+
+FT_TINY = dict(id_ratio=0.3, P=4, K=4, img_size=(64, 32), eval_every=0, workers=0, epochs=1)
+
+
+@pytest.fixture(scope="module")
+def ft_finished(tmp_path_factory):
+    "A finished 1-epoch BoT fine-tuning run on the built-in benchmark."
+    cfg = ft.FinetuneConfig(**FT_TINY, out_dir=str(tmp_path_factory.mktemp("ft") / "bot"))
+    ft.train(cfg)
+    return cfg
+
+
+@pytest.mark.parametrize("change", [dict(lr=2e-3), dict(K=2), dict(smoothing=0.0)])
+def test_finetune_resume_refuses_changed_config(ft_finished, tmp_path, change):
+    "Before, fine-tuning compared only 7 fields (_MUST_MATCH): lr, K, smoothing... changed silently on resume."
+    cfg = copy_run(ft_finished, tmp_path / "run")
+    with pytest.raises(ValueError) as e:
+        ft.train(replace(cfg, epochs=2, **change))
+    name, value = next(iter(change.items()))
+    assert f"{name}: {getattr(ft_finished, name)!r} in the checkpoint, {value!r} now" in str(e.value)
+    assert "--resume never" in str(e.value)
+
+
+def test_finetune_resume_refuses_other_benchmark_items(ft_finished, tmp_path):
+    "The same benchmark folder with a training image removed: refused by the items fingerprint."
+    import shutil
+    bench = ft.load_benchmark(ft_finished)
+    root = Path(bench.train[0].path).parents[1]
+    copy = tmp_path / "bench"
+    shutil.copytree(root, copy)
+    first = sorted((copy / "bounding_box_train").glob("*.jpg"))[0]
+    first.unlink()
+    cfg = copy_run(ft_finished, tmp_path / "run")
+    with pytest.raises(ValueError, match="data: {'images': "):
+        ft.train(replace(cfg, data=str(copy), epochs=2))
+
+
+def test_finetune_second_run_stops(ft_finished, tmp_path):
+    cfg = copy_run(ft_finished, tmp_path / "run")
+    lock = runs.open_out_dir(cfg.out_dir)
+    try:
+        with pytest.raises(RuntimeError, match=f"is in use by another run \\(pid {os.getpid()}"):
+            ft.train(replace(cfg, epochs=2))
+    finally: lock.close()
+
+
+@pytest.mark.parametrize("head", ["bot", "mgn"])
+def test_finetune_init_from_its_own_checkpoint(tmp_path, head):
+    "A fine-tuning checkpoint (BoT: backbone.*; MGN: stem + global branch) initialises a new fine-tuning run's trunk."
+    src = tmp_path / "src"
+    model, _ = ft.train(ft.FinetuneConfig(**FT_TINY, model=head, out_dir=str(src)))
+    for new_head in ("bot", "mgn"):
+        m, report = ft.build_model(ft.FinetuneConfig(model=new_head, init=str(src / "checkpoint.pth")), 5)
+        assert report.missing == [] and report.unexpected == [] and report.mismatched == []
+        assert report.source == str(src / "checkpoint.pth")
+        conv1 = model.backbone.conv1.weight if head == "bot" else model.stem[0].weight
+        assert torch.equal((m.backbone.conv1 if new_head == "bot" else m.stem[0]).weight, conv1.cpu())
+    if head == "mgn":
+        assert torch.equal(m.branches[0][1][1].conv2.weight, model.branches[0][1][1].conv2.weight)
+
+
+def test_finetune_init_from_pretraining_checkpoint_and_backbone(finished, tmp_path):
+    out = Path(finished.out_dir)
+    for name in ("checkpoint.pth", "backbone.pth", "backbone.safetensors"):
+        _, report = ft.build_model(ft.FinetuneConfig(init=str(out / name)), 5)
+        assert report.missing == [] and report.mismatched == [], (name, report)
+
+
+def test_finetune_init_bad_files(tmp_path, shared_data):
+    (tmp_path / "empty.pth").write_bytes(b"")
+    with pytest.raises(RuntimeError, match=r"empty.pth is empty \(0 bytes\)"):
+        ft.build_model(ft.FinetuneConfig(init=str(tmp_path / "empty.pth")), 3)
+    onnx = shared_data / "weights" / "osnet_x0_25_msmt17.onnx"
+    (tmp_path / "model.pth").write_bytes(onnx.read_bytes()[:4096])      # an ONNX model under a .pth name
+    for path in (onnx, tmp_path / "model.pth"):
+        with pytest.raises(ValueError, match="is an ONNX model, not a lupnl checkpoint: evaluate it with `lupnl.evaluate.OnnxModel`"):
+            ft.build_model(ft.FinetuneConfig(init=str(path)), 3)
+    torch.save(export_backbone(resnet_trunk("resnet50")), tmp_path / "r50.pth")
+    with pytest.raises(ValueError, match=f"{tmp_path / 'r50.pth'}: checkpoint does not fit the resnet18 trunk"):
+        ft.build_model(ft.FinetuneConfig(init=str(tmp_path / "r50.pth")), 3)
+
+
+def test_finetune_negative_lr_on_the_command_line():
+    res = subprocess.run([sys.executable, "-m", "lupnl.finetune", "--lr", "-1e-3"], capture_output=True, text=True)
+    assert res.returncode != 0 and "FinetuneConfig.lr must be > 0, not -0.001" in res.stderr, res.stderr[-1500:]
+
+
+# ---------------------------------------------------------------- 6. skipped corrupt images are logged
+
+def test_skipped_images_logged_per_epoch_and_in_total(finished, tmp_path, monkeypatch, capsys):
+    "A dataset that counts skipped images (B's `LMDBDataset.skipped`): the count per epoch lands in metrics.jsonl and the summary."
+    import lupnl.pretrain as pt
+    class Counting(LMDBDataset):
+        skipped = 0
+        def __getitem__(self, i):
+            type(self).skipped += 1 if i % 16 == 0 else 0              # pretend: every 16th item was corrupt
+            return super().__getitem__(i)
+    monkeypatch.setattr(pt, "LMDBDataset", Counting)
+    cfg = replace(finished, out_dir=str(tmp_path / "run"), epochs=2)
+    rows = train(cfg)
+    per_epoch = [r["skipped_images"] for r in rows]
+    assert all(n > 0 for n in per_epoch) and sum(per_epoch) == Counting.skipped
+    assert f"corrupt images skipped: {Counting.skipped}" in capsys.readouterr().out
+
+
+def test_skipped_corrupt_images_counted_across_workers(tiny_lmdb, tiny_bench, tmp_path, capsys, tiny_config):
+    "8 corrupt crops of 128, read by 2 DataLoader workers: every epoch's row counts 8, the summary 16."
+    ds = LMDBDataset(tiny_lmdb)
+    bad = set(range(0, 128, 16))
+    corrupt = tmp_path / "corrupt_lmdb"
+    write_lmdb(corrupt, ((b"not an image" if i in bad else ds.read_bytes(i), int(ds.labels[i])) for i in range(len(ds))),
+               progress=False, extra={"true_pids": list(ds.meta["true_pids"])})
+    cfg = tiny_config(corrupt, tiny_bench, tmp_path / "run", 2, workers=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rows = train(cfg)
+    assert [r["skipped_images"] for r in rows] == [8, 8]
+    assert "corrupt images skipped: 16" in capsys.readouterr().out

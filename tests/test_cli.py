@@ -1,0 +1,114 @@
+"""`python -m lupnl.evaluate` end to end, in subprocesses: a fast `--help`, a fine-tuned checkpoint scored at its own crop
+size (the mAP its run logged), an ONNX model on real data, and the errors a user sees."""
+import json, os, subprocess, sys, time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "MPLBACKEND": "Agg",
+       "PYTHONPATH": os.pathsep.join([str(REPO)] + [p for p in [os.environ.get("PYTHONPATH")] if p])}
+
+
+def cli(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "lupnl.evaluate", *map(str, args)], cwd=REPO, env=ENV,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_help_is_fast_and_imports_no_torch():
+    t0 = time.time()
+    res = cli("--help")
+    took = time.time() - t0
+    assert res.returncode == 0, res.stderr
+    for text in ("checkpoint", "--data", "--size", "--json", "--flip", "read_benchmark", "example:"):
+        assert text in res.stdout, text
+    assert took < 3, f"--help took {took:.1f}s"
+    probe = ("import runpy, sys\nsys.argv = ['lupnl.evaluate', '--help']\n"
+             "try: runpy.run_module('lupnl.evaluate', run_name='__main__')\nexcept SystemExit: pass\n"
+             "print('TORCH', 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=ENV, capture_output=True, text=True, check=True)
+    assert out.stdout.strip().endswith("TORCH False"), out.stdout[-300:]
+
+
+def test_bad_flags_and_files_give_one_line_errors(tmp_path):
+    res = cli("x.pth", "--size", "256")
+    assert res.returncode == 2 and "expected HxW" in res.stderr and "Traceback" not in res.stderr
+    res = cli(tmp_path / "missing.pth")
+    assert res.returncode == 1 and "missing.pth" in res.stderr and "Traceback" not in res.stderr, res.stderr
+    (tmp_path / "empty.pth").write_bytes(b"")
+    res = cli(tmp_path / "empty.pth")
+    assert res.returncode == 1 and "empty (0 bytes)" in res.stderr and "Traceback" not in res.stderr, res.stderr
+    (tmp_path / "notes.pth").write_text("hello")
+    res = cli(tmp_path / "notes.pth")
+    assert res.returncode == 1 and "cannot read checkpoint" in res.stderr and "notes.pth" in res.stderr, res.stderr
+
+
+@pytest.fixture(scope="module")
+def finetuned(tmp_path_factory):
+    "A BoT ResNet-18 fine-tuned for 2 epochs at 64x32 on the built-in benchmark: (out_dir, last logged row)."
+    from lupnl.finetune import FinetuneConfig, train
+    out = tmp_path_factory.mktemp("finetune") / "run"
+    _, rows = train(FinetuneConfig(out_dir=str(out), img_size=(64, 32), epochs=2, eval_every=0, resume="never"))
+    assert "mAP" in rows[-1]
+    return out, rows[-1]
+
+
+def test_finetuned_checkpoint_reproduces_its_logged_map(finetuned):
+    out, last = finetuned
+    res = cli(out / "checkpoint.pth", "--json", "--device", "cpu")
+    assert res.returncode == 0, res.stderr[-2000:]
+    r = json.loads(res.stdout)
+    assert r["kind"] == "finetune" and r["img_size"] == [64, 32] and r["num_query"] == 100
+    for k in ("mAP", "rank1", "rank5", "mINP"):
+        assert abs(r[k] - last[k]) <= 0.1, (k, r[k], last[k])
+    # the table: the same numbers, as printed for a person
+    table = cli(out / "checkpoint.pth", "--device", "cpu")
+    assert table.returncode == 0 and "64x32 crops" in table.stdout
+    header, values = table.stdout.strip().splitlines()[-2:]
+    assert header.split() == ["mAP", "mINP", "rank-1", "rank-5", "rank-10"]
+    assert abs(float(values.split()[0]) - last["mAP"]) <= 0.01
+
+
+def test_crop_size_matters_and_size_overrides(finetuned):
+    "The 256x128 default would score this 64x32 model differently; `--size` still wins over the checkpoint's size."
+    from lupnl import load_model
+    from lupnl.evaluate import evaluate
+    out, last = finetuned
+    model = load_model(out / "checkpoint.pth")
+    assert model.img_size == (64, 32) and not model.training
+    assert abs(evaluate(model, model.config["data"] or _toy_bench(), progress=False)["mAP"] - last["mAP"]) <= 0.1
+    r = json.loads(cli(out / "checkpoint.pth", "--json", "--size", "256x128", "--device", "cpu").stdout)
+    assert r["img_size"] == [256, 128] and abs(r["mAP"] - last["mAP"]) > 0.1
+
+
+def _toy_bench():
+    from lupnl.data import toy_dataset
+    return toy_dataset(progress=False).bench
+
+
+def test_backbone_of_a_pretraining_run(tmp_path):
+    "`backbone.pth` beside its run's `checkpoint.pth` is evaluated at the run's crop size, as the run's own evaluation is."
+    import torch
+    from dataclasses import asdict
+    from lupnl.models import export_backbone
+    from lupnl.pretrain import PretrainConfig, build_model, save_checkpoint
+    from lupnl.evaluate import evaluate
+    torch.manual_seed(0)
+    cfg = PretrainConfig(img_size=(48, 24))
+    pnl = build_model(cfg, num_classes=5)
+    save_checkpoint(dict(epoch=1, model=pnl.state_dict(), optimizer={}, scaler={}, labels=torch.zeros(3, dtype=torch.long),
+                         config=asdict(cfg)), tmp_path / "checkpoint.pth")
+    save_checkpoint(export_backbone(pnl), tmp_path / "backbone.pth")
+    r = json.loads(cli(tmp_path / "backbone.pth", "--json", "--device", "cpu").stdout)
+    expected = evaluate(pnl.backbone, _toy_bench(), size=(48, 24), progress=False)
+    assert r["kind"] == "weights" and r["img_size"] == [48, 24]
+    assert abs(r["mAP"] - expected["mAP"]) < 1e-6 and r["rank1"] == expected["rank1"]
+
+
+def test_onnx_model_on_real_market(shared_data):
+    "OSNet-x0.25 (ONNX) on the Market-1501 mini set: the numbers of the data's README and of 05_evaluate."
+    res = cli(shared_data / "weights" / "osnet_x0_25_msmt17.onnx", "--data", shared_data / "market1501-pepper-mini", "--json")
+    assert res.returncode == 0, res.stderr[-2000:]
+    r = json.loads(res.stdout)
+    assert r["kind"] == "onnx" and r["img_size"] == [256, 128] and r["num_valid"] == 30
+    assert abs(r["mAP"] - 75.93) <= 0.05 and abs(r["rank1"] - 70.0) <= 0.5
