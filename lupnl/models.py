@@ -649,21 +649,23 @@ def export_backbone(model):
     return {k: v.detach().cpu().clone() for k, v in _unwrap_model(model).state_dict().items()}
 
 # %% ../nbs/02_models.ipynb #f742ebed
+from .runs import atomic_write   # lupnl.runs imports nothing of lupnl: no import cycle
+
 def export_safetensors(model, path):
-    "Write the query trunk of `model` (as `export_backbone`) to a `.safetensors` file, atomically; returns the path."
-    try: from safetensors.torch import save_file
+    "Write the query trunk of `model` (as `export_backbone`) to a `.safetensors` file, atomically (`lupnl.runs.atomic_write`); returns the path."
+    try: from safetensors.torch import save
     except ImportError as e: raise ImportError("export_safetensors needs safetensors: pip install safetensors") from e
     path = Path(path)
     sd = {k: v.contiguous() for k, v in export_backbone(model).items()}
     arch = getattr(_unwrap_model(model), "arch", "")
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(sd, str(tmp), metadata={"format": "pt", "arch": str(arch), "written_by": "lupnl"})
-    tmp.replace(path)
+    data = save(sd, metadata={"format": "pt", "arch": str(arch), "written_by": "lupnl"})
+    atomic_write(path, lambda f: f.write(data), "backbone")
     return path
 
 def save_backbone(model, out_dir):
-    "`backbone.pth` and `backbone.safetensors` of `model`'s query trunk in `out_dir` (both atomic); returns their paths."
+    "`backbone.pth` and `backbone.safetensors` of `model`'s query trunk in `out_dir` (both atomic, fsynced); returns their paths."
     out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
-    pth = out_dir / "backbone.pth"
-    torch.save(export_backbone(model), pth.with_name(pth.name + ".tmp")); pth.with_name(pth.name + ".tmp").replace(pth)
+    pth, state = out_dir / "backbone.pth", export_backbone(model)
+    atomic_write(pth, lambda f: torch.save(state, f), "backbone")
     return pth, export_safetensors(model, out_dir / "backbone.safetensors")
+

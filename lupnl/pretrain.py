@@ -4,9 +4,9 @@
 
 # %% auto #0
 __all__ = ['PRESETS', 'ARCH_CHOICES', 'LOSS_KEYS', 'PANELS', 'PretrainConfig', 'config_parser', 'parse_config', 'LARS',
-           'build_optimizer', 'label_quality', 'build_model', 'trunk_kwargs', 'weak_view', 'build_data', 'start_run',
-           'resume', 'train_one_epoch', 'end_epoch', 'finish_run', 'train', 'main', 'torchrun_command', 'launch',
-           'compare_ablations', 'plot_ablation']
+           'build_optimizer', 'label_quality', 'build_model', 'trunk_kwargs', 'weak_view', 'build_data',
+           'monitor_sample', 'monitor_row', 'start_run', 'resume', 'train_one_epoch', 'end_epoch', 'finish_run',
+           'train', 'main', 'torchrun_command', 'launch', 'compare_ablations', 'plot_ablation']
 
 # %% ../nbs/03_pretrain.ipynb #2e591967
 import math, subprocess, sys, time
@@ -36,7 +36,8 @@ class PretrainConfig:
     trunk_depth: int = opt(None, "ViT only, a test/debug knob: transformer blocks (none: the arch's own)", lo=1)
     epochs: int = opt(3, "training epochs", ref=90, lo=1)
     batch_size: int = opt(64, "global batch, split over processes", ref="1536 (8 GPUs x 192)", lo=2)
-    lr: float = opt(0.1, "peak learning rate", ref="0.4 at batch 1536", gt=0)
+    lr: float = opt(0.4 * 64 / 1536, "peak learning rate (default: the reference's, scaled linearly to batch 64: 0.4 * 64 / 1536)",
+                    ref="0.4 at batch 1536", gt=0)
     schedule: str = opt("step", "learning-rate schedule", ref="step", choices=("step", "cosine"))
     lr_steps: tuple = opt((2,), "epochs where the step schedule divides lr by 10", ref=(40, 80), lo=1)
     warmup_epochs: int = opt(0, "epochs of linear warm-up from 0", ref=0, lo=0)
@@ -54,12 +55,19 @@ class PretrainConfig:
     preset: str = opt("pnl", "PNL or one of its ablations", ref="pnl", choices=PRESETS)
     dim: int = opt(128, "embedding size of the contrastive head", ref=128, lo=1)
     cls_dim: int = opt(256, "bottleneck in front of the classifier (0: none)", ref=256, lo=0)
+    cls_bn: bool = opt(False, "parity switch: BatchNorm in the classifier bottleneck", ref=False)
+    guided_label: str = opt("noisy", "parity switch: label-guided positives from the uncorrected or the corrected query label",
+                            ref="noisy", choices=("noisy", "corrected"))
+    inst_head: bool = opt(True, "extension: separate projection head for the instance loss (toy: eff. rank 29->46)", ref=False)
+    correct_temperature: float = opt(0.0, "extension: T of the prototype softmax in label correction (0: temperature)", ref=0, lo=0)
+    w_inst: float = opt(1.0, "weight of the instance loss (< 1: extension)", ref=1.0, lo=0)
     img_size: tuple = opt((32, 16), "(height, width) of the crops, e.g. 256x128", ref="256x128", lo=1)
     amp: bool = opt(True, "mixed precision (CUDA only)", ref=True)
     workers: int = opt(0, "data-loading processes per training process", ref=32, lo=0)
     seed: int = opt(0, "every epoch reseeds from (seed, epoch, rank): resumed runs replay exactly", lo=0)
     device: str = opt("auto", "auto (CUDA if available), cpu, cuda, cuda:1, ...")
     eval_every: int = opt(1, "retrieval evaluation every N epochs and at the end (0: only at the end)", ref=3, lo=0)
+    monitor_size: int = opt(512, "crops in the fixed sample of the collapse / correction monitors (0: off)", lo=0)
     bench: str = opt(None, "Market-1501-style benchmark folder; none: the built-in benchmark")
     resume: str = opt("auto", "auto: continue from out_dir/checkpoint.pth if there; never; or a checkpoint path")
     dump_state: bool = opt(False, "debug: every rank saves its queue, prototypes and labels at the end")
@@ -90,10 +98,10 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from .toy import toy_dataset
-from .data import (LMDBDataset, TwoViewTransform, reid_train_transform, pretrain_strong_transform,
-                        DistributedShuffleSampler)
-from .noise import compare_labelings
-from .models import PNL, ABLATIONS, ARCHS, VIT_ARCHS, save_backbone
+from .data import (LMDBDataset, TwoViewTransform, reid_train_transform, reid_test_transform,
+                        pretrain_strong_transform, DistributedShuffleSampler)
+from .noise import compare_labelings, correction_scores
+from .models import PNL, ABLATIONS, ARCHS, VIT_ARCHS, save_backbone, monitor_summary, collapse_warnings
 from .evaluate import evaluate
 
 # %% ../nbs/03_pretrain.ipynb #2bfdf803
@@ -144,7 +152,9 @@ def build_model(cfg, num_classes):
     "The `PNL` model (or ablation `cfg.preset`) that `cfg` describes, for `num_classes` training labels."
     return PNL.ablation(cfg.preset, arch=cfg.arch, num_classes=num_classes, dim=cfg.dim, queue_size=cfg.queue_size,
                         m=cfg.key_momentum, proto_m=cfg.proto_momentum, T=cfg.temperature, alpha=cfg.alpha,
-                        threshold=cfg.threshold, cls_dim=cfg.cls_dim, trunk_kwargs=trunk_kwargs(cfg))
+                        threshold=cfg.threshold, cls_dim=cfg.cls_dim, trunk_kwargs=trunk_kwargs(cfg), cls_bn=cfg.cls_bn,
+                        guided_label=cfg.guided_label, T_correct=cfg.correct_temperature or None, inst_head=cfg.inst_head,
+                        w_inst=cfg.w_inst)
 
 def trunk_kwargs(cfg):
     "timm options of a ViT trunk (`cfg.trunk_depth`); None for a ResNet. The ViT's position grid stays 256x128's, interpolated to the crop."
@@ -172,6 +182,21 @@ def build_data(cfg, rank=0, world_size=1, cuda=False):
     if len(loader) == 0: raise ValueError(f"{data_root}: {len(dataset)} images make no batch of {cfg.batch_size}")
     return dataset, sampler, loader, bench
 
+# %% ../nbs/03_pretrain.ipynb #3f1e8702
+def monitor_sample(dataset, n, size, seed=0):
+    "A fixed sample of `n` crops of `dataset`'s LMDB (test transform) and their dataset indices."
+    ds = LMDBDataset(dataset.root, reid_test_transform(size))
+    idx = np.sort(np.random.default_rng(seed).choice(len(ds), min(n, len(ds)), replace=False))
+    return torch.stack([ds[int(i)][0] for i in idx]), torch.as_tensor(idx)
+
+def monitor_row(run):
+    "Rank 0: the collapse / correction monitors of the fixed sample `run.mon` (`lupnl.models.monitor_summary`) and their time."
+    if run.mon is None: return {}
+    t0, (images, index) = time.time(), run.mon
+    mon = run.model.monitor(images.to(run.device))
+    return dict(monitor_summary(mon, run.labels[index.to(run.device)], run.model.threshold), monitor_time=time.time() - t0)
+
+
 # %% ../nbs/03_pretrain.ipynb #8b385bc4
 def start_run(cfg, rank=0, world_size=1, device=torch.device("cpu")):
     "Data, model, optimizer and AMP scaler of `cfg`, resumed where there is a checkpoint: the namespace the epoch functions read."
@@ -189,6 +214,7 @@ def start_run(cfg, rank=0, world_size=1, device=torch.device("cpu")):
                           true=dataset.meta.get("true_pids"),               # true identities, where known (built-in data)
                           fingerprint=lmdb_fingerprint(dataset), skipped=skipped_images(dataset))
     run.labels = run.noisy.clone().to(device)                                # current labels: the model's latest verdict
+    run.mon = monitor_sample(dataset, cfg.monitor_size, cfg.img_size, cfg.seed) if rank == 0 and cfg.monitor_size else None
     run.scaler = torch.amp.GradScaler(device.type, enabled=run.amp)
     resume(run)
     run.net = (torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if cuda else None,
@@ -242,14 +268,18 @@ def train_one_epoch(run, epoch):
 
 # %% ../nbs/03_pretrain.ipynb #0ba041ff
 PANELS = [("losses", ("loss", "loss_cls", "loss_proto", "loss_inst")), ("accuracy (%)", ("acc_cls", "acc_inst")),
-          ("labels", ("purity_before", "purity", "corrected", "precision", "recall")),
-          ("retrieval (%)", ("mAP", "rank1", "rank5")), ("learning rate", ("lr",)), ("seconds", ("epoch_time", "eval_time"))]
+          ("labels", ("purity_before", "purity", "bcubed_f_before", "bcubed_f", "fixable_frac")),
+          ("correction", ("corrected_frac", "correction_precision", "correction_recall")),
+          ("collapse", ("emb_eff_rank", "emb_inst_eff_rank")),
+          ("confidence", ("emb_mean_norm", "proto_top1", "cls_conf_median", "proto_conf_median", "above_threshold")),
+          ("retrieval (%)", ("mAP", "rank1", "rank5")), ("learning rate", ("lr",)), ("seconds", ("epoch_time", "eval_time", "monitor_time"))]
 
 def end_epoch(run, epoch, row):
-    "Rank 0: label quality, retrieval (every `eval_every` epochs and at the end), the log row, then the checkpoint; all ranks wait."
+    "Rank 0: label quality, monitors, retrieval (every `eval_every` epochs and at the end), the log row, then the checkpoint; all ranks wait."
     cfg = run.cfg
     if run.rank == 0:
         row.update(label_quality(run.noisy.numpy(), run.labels.cpu().numpy(), run.true))
+        row.update(correction_scores(run.noisy.numpy(), run.labels.cpu().numpy(), run.true), **monitor_row(run))
         if (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0) or epoch == cfg.epochs - 1:
             t1 = time.time()
             scores = evaluate(run.model.backbone, run.bench, size=cfg.img_size, device=run.device, amp=run.amp,
@@ -260,6 +290,7 @@ def end_epoch(run, epoch, row):
                              scaler=run.scaler.state_dict(), labels=run.labels.cpu(), config=asdict(cfg),
                              fingerprint=run.fingerprint), run.out_dir / "checkpoint.pth")
         print(format_row(row), flush=True)
+        for w in collapse_warnings(row, cfg.queue_size if run.model.use_instance else 0): print(w, flush=True)
     if run.world_size > 1: dist.barrier()
 
 def finish_run(run):
@@ -329,7 +360,9 @@ def compare_ablations(cfg, presets=("pnl", "ce", "moco")):
         last = hist[-1]
         rows.append(dict(model=preset, mAP=last["mAP"], rank1=last["rank1"], rank5=last["rank5"],
                          purity_before=last.get("purity_before"), purity_after=last.get("purity"),
-                         corrected=last["corrected"], precision=last.get("precision"), recall=last.get("recall"),
+                         bcubed_f_before=last.get("bcubed_f_before"), bcubed_f_after=last.get("bcubed_f"),
+                         corrected_frac=last["corrected_frac"], correction_precision=last.get("correction_precision"),
+                         correction_recall=last.get("correction_recall"), emb_eff_rank=last.get("emb_eff_rank"),
                          train_minutes=sum(r["epoch_time"] for r in hist) / 60))
     seed_everything(cfg.seed)                       # the same initial trunk as every run above (built first, same seed)
     trunk = build_model(replace(cfg, preset="moco"), 0).backbone

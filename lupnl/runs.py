@@ -258,7 +258,8 @@ MAY_CHANGE = dict(
     eval_every="how often to evaluate", workers="data-loading processes", device="where to run",
     resume="how to resume", dump_state="a debug dump at the end", timeout="DDP timeout", out_dir="the run's folder may move",
     data="its path may change: its content is checked by the fingerprint", bench="evaluation only",
-    flip="test-time augmentation only")
+    flip="test-time augmentation only",
+    monitor_size="how many crops the monitors sample (no effect on training)")
 
 def checkpoint_to_resume(cfg):
     "The checkpoint path `cfg.resume` asks for: `out_dir/checkpoint.pth` if there ('auto'), None ('never', or nothing to resume), or a file."

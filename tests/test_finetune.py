@@ -284,8 +284,8 @@ def _parameters_cell(nb_path):
     nb = json.loads(nb_path.read_text())
     cells = [c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])]
     assert len(cells) == 1, "exactly one papermill parameters cell"
-    return {t.id: ast.literal_eval(n.value) for n in ast.parse("".join(cells[0]["source"])).body
-            if isinstance(n, ast.Assign) for t in n.targets}
+    return {(n.targets[0] if isinstance(n, ast.Assign) else n.target).id: ast.literal_eval(n.value)
+            for n in ast.parse("".join(cells[0]["source"])).body if isinstance(n, (ast.Assign, ast.AnnAssign))}
 
 
 def test_parameters_cell_is_the_config():

@@ -12,7 +12,10 @@ from lupnl.pretrain import PretrainConfig, config_args, load_checkpoint, read_me
 REPO = Path(__file__).resolve().parents[1]
 # The fixtures data_home, env, tiny_lmdb, tiny_bench and tiny_config live in conftest.py (shared with test_bad_input.py).
 EXPECTED_KEYS = {"epoch", "lr", "loss", "loss_cls", "loss_proto", "loss_inst", "acc_inst", "acc_cls", "epoch_time",
-                 "corrected", "purity_before", "purity", "precision", "recall"}
+                 "corrected", "purity_before", "purity", "precision", "recall",
+                 # issue 11, section 2: the collapse / correction monitors, and their scores against the truth
+                 "emb_mean_norm", "emb_eff_rank", "proto_top1", "cls_conf_median", "proto_conf_median", "above_threshold",
+                 "corrected_frac", "correction_precision", "correction_recall", "fixable_frac", "bcubed_f", "monitor_time"}
 
 
 def check_backbone(path, arch="resnet18"):
@@ -28,9 +31,10 @@ def test_parameters_cell_is_the_config():
     nb = json.loads((REPO / "nbs" / "03_pretrain.ipynb").read_text())
     cells = [c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])]
     assert len(cells) == 1
-    params = {}
+    from typing import Optional
+    params = {"Optional": Optional}                            # the cell's type annotations use it
     exec("".join(cells[0]["source"]), params)
-    params.pop("__builtins__")
+    for k in ("__builtins__", "__annotations__", "Optional"): params.pop(k, None)
     assert params.pop("run_ablation") is None                 # the notebook's switch, not a config field
     assert params == asdict(PretrainConfig())
 
@@ -128,7 +132,8 @@ def test_help_is_fast_and_explains(env):
     res = subprocess.run([sys.executable, "-m", "lupnl.pretrain", "--help"], env=env, capture_output=True, text=True, check=True)
     seconds = time.time() - t0
     text = " ".join(res.stdout.split())
-    assert "--lr LR peak learning rate (default: 0.1; reference: 0.4 at batch 1536)" in text
+    assert ("--lr LR peak learning rate (default: the reference's, scaled linearly to batch 64: 0.4 * 64 / 1536) "
+            "(default: 0.016666666666666666; reference: 0.4 at batch 1536)") in text
     assert "one of: pnl, ce, moco, no_proto, no_correction, no_label_guided" in text
     assert "--timeout TIMEOUT seconds a DDP process waits" in text
     print(f"--help: {seconds:.2f} s")
