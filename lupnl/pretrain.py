@@ -217,8 +217,10 @@ def start_run(cfg, rank=0, world_size=1, device=torch.device("cpu")):
     run.mon = monitor_sample(dataset, cfg.monitor_size, cfg.img_size, cfg.seed) if rank == 0 and cfg.monitor_size else None
     run.scaler = torch.amp.GradScaler(device.type, enabled=run.amp)
     resume(run)
-    run.net = (torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if cuda else None,
-                                                         broadcast_buffers=False) if world_size > 1 else model)
+    # with inst_head, the prototype head has no loss in epoch 0 (prototype loss from epoch 1): DDP must allow unused parameters
+    run.net = (torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if cuda else None, broadcast_buffers=False,
+                                                         find_unused_parameters=getattr(model.encoder_q, "proj_inst", None) is not None)
+               if world_size > 1 else model)
     return run
 
 def resume(run):
