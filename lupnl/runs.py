@@ -369,7 +369,8 @@ def teardown_distributed():
 def timeout_error(e, timeout):
     "A clearer error for a collective that timed out (another rank froze or died), or None if `e` is something else."
     import torch.distributed as dist
-    if "timed out" not in str(e).lower() and "timeout" not in type(e).__name__.lower(): return None
+    msg = f"{type(e).__name__} {e}".lower()     # gloo says "timed out" in collectives, "timeout caused pair closure" in backward
+    if "timed out" not in msg and "timeout" not in msg: return None
     return RuntimeError(f"rank {dist.get_rank() if dist.is_initialized() else '?'} waited more than timeout={timeout} s for "
                         f"the other processes: one of them froze or died ({type(e).__name__}: {str(e)[:200]}); "
                         f"raise --timeout if a rank legitimately works alone longer (evaluation, data generation)")
