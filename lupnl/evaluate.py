@@ -56,7 +56,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .data import ImageDataset, read_benchmark, reid_test_transform, toy_dataset
+from .data import ImageDataset, read_benchmark, reid_test_transform
+from .toy import toy_dataset
 from .runs import load_checkpoint, resolve_device
 
 # %% ../nbs/05_evaluate.ipynb #7213ce89

@@ -17,7 +17,8 @@ from matplotlib.figure import Figure
 from matplotlib import colormaps
 import torch
 from torch.utils.data import DataLoader, Dataset
-from .data import LMDBDataset, ImageDataset, read_benchmark, reid_test_transform, toy_dataset
+from .data import LMDBDataset, ImageDataset, read_benchmark, reid_test_transform
+from .toy import toy_dataset
 from .evaluate import extract_features, compute_distance, evaluate_rank, load_model, default_benchmark, DEFAULT_SIZE
 from .runs import load_checkpoint, lmdb_fingerprint
 from fastcore.basics import patch
