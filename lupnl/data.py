@@ -394,19 +394,21 @@ class Benchmark:
 # %% ../nbs/00_data.ipynb #151a6cb9
 _MARKET_RE = re.compile(r"^(-?\d+)_c(\d+)")
 
-def _read_market_dir(d):
-    "Items of a Market-style folder (`<pid>_c<cam>...`), junk (-1) dropped."
-    d = _require(d, "benchmark folder")
-    items = []
+def _scan_images(d, what, regex, form, item):
+    "`item(path, match)` for each image of folder `d` whose name matches `regex` (None: skip it); a `DataError` naming a misnamed file or an empty folder."
+    d, items = _require(d, what), []
     for f in sorted(d.iterdir()):
         if f.suffix.lower() not in IMG_EXTS: continue
-        m = _MARKET_RE.match(f.name)
-        if m is None: raise DataError(f"{f}: file name does not start with <pid>_c<cam>")
-        pid, cam = int(m[1]), int(m[2])
-        if pid == -1: continue
-        items.append(Item(str(f), pid, cam - 1))
+        m = regex.match(f.name)
+        if m is None: raise DataError(f"{f}: file name {form}")
+        if (it := item(f, m)) is not None: items.append(it)
     if not items: raise DataError(f"{d}: no images found")
     return items
+
+def _read_market_dir(d):
+    "Items of a Market-style folder (`<pid>_c<cam>...`), junk (-1) dropped."
+    return _scan_images(d, "benchmark folder", _MARKET_RE, "does not start with <pid>_c<cam>",
+                        lambda f, m: None if int(m[1]) == -1 else Item(str(f), int(m[1]), int(m[2]) - 1))
 
 def _read_market_layout(root, name):
     root = _require(root, f"{name} root")
@@ -455,15 +457,9 @@ def read_msmt17(root):
 _CUHK_PAIR_RE = re.compile(r"^(\d+)_(\d+)\.")
 
 def _read_cuhk_pair_dir(d, offset=0):
-    d = _require(d, "CUHK03 folder")
-    items = []
-    for f in sorted(d.iterdir()):
-        if f.suffix.lower() not in IMG_EXTS: continue
-        m = _CUHK_PAIR_RE.match(f.name)
-        if m is None: raise DataError(f"{f}: file name is not <pid>_<idx>.jpg")
-        items.append(Item(str(f), int(m[1]) + offset, 0 if int(m[2]) < 5 else 1))
-    if not items: raise DataError(f"{d}: no images found")
-    return items
+    "Items of a CUHK03 camera-pair folder (`<pid>_<idx>.jpg`, idx 00-04 camera A, 05-09 camera B), pids + `offset`."
+    return _scan_images(d, "CUHK03 folder", _CUHK_PAIR_RE, "is not <pid>_<idx>.jpg",
+                        lambda f, m: Item(str(f), int(m[1]) + offset, 0 if int(m[2]) < 5 else 1))
 
 def read_cuhk03_pairs(root):
     "CUHK03 camera-pair folder (`labeled/train`, `labeled/val`): train = train; query = val camera A (idx 00-04), gallery = val camera B (05-09); val pids offset past the train pids."
@@ -783,14 +779,3 @@ class DistributedShuffleSampler(DistributedSampler):
         it = super().__iter__()
         self.epoch += 1
         return it
-
-# %% ../nbs/00_data.ipynb #a1ded431
-_MOVED = {"toy_dataset": "toy", "make_toy_dataset": "toy", "ToyData": "toy", "TOY_VERSION": "toy",
-          "simulate_noise": "noise", "measure_noise": "noise"}
-
-def __getattr__(name):
-    "Names that moved to `lupnl.toy` / `lupnl.noise`, resolved on first use (`lupnl.toy` imports this module)."
-    if name in _MOVED:
-        import importlib
-        return getattr(importlib.import_module(f"lupnl.{_MOVED[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

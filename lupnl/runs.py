@@ -4,12 +4,12 @@
 
 # %% auto #0
 __all__ = ['MAY_CHANGE', 'opt', 'int_tuple', 'check_config', 'field_help', 'dataclass_parser', 'parse_config', 'config_args',
-           'check_parameters', 'learning_rate', 'set_lr', 'atomic_write', 'remove_stale_temps', 'append_metrics',
-           'read_metrics', 'truncate_metrics', 'CheckpointError', 'save_checkpoint', 'load_checkpoint', 'load_state',
-           'checkpoint_to_resume', 'check_resumable', 'lmdb_fingerprint', 'items_fingerprint', 'lock_out_dir',
-           'open_out_dir', 'resolve_device', 'setup_distributed', 'teardown_distributed', 'timeout_error',
-           'seed_everything', 'epoch_seed', 'wait_policy', 'set_threads', 'format_row', 'log_line', 'skipped_images',
-           'plot_log']
+           'job_cli', 'check_parameters', 'learning_rate', 'set_lr', 'atomic_write', 'remove_stale_temps',
+           'append_metrics', 'read_metrics', 'truncate_metrics', 'CheckpointError', 'save_checkpoint',
+           'load_checkpoint', 'load_state', 'checkpoint_to_resume', 'check_resumable', 'lmdb_fingerprint',
+           'items_fingerprint', 'lock_out_dir', 'open_out_dir', 'resolve_device', 'setup_distributed',
+           'teardown_distributed', 'timeout_error', 'seed_everything', 'epoch_seed', 'wait_policy', 'set_threads',
+           'format_row', 'log_line', 'skipped_images', 'plot_log', 'repo_root', 'run_slow', 'save_figure']
 
 # %% ../nbs/02a_runs.ipynb #e8847feb
 import argparse, difflib, errno, fcntl, hashlib, json, math, os, random, re, socket, time, types, warnings
@@ -42,7 +42,7 @@ def check_config(cfg):
     "Normalise `cfg` in place (tuple fields from strings, 'none' to None), then check each field's choices and bounds: a `ValueError` naming the field."
     for f in fields(cfg):
         v, m = getattr(cfg, f.name), f.metadata
-        if f.type is tuple: v = int_tuple(v)
+        if f.type is tuple and v is not None: v = int_tuple(v)
         if f.default is None and v in ("", "none", "None"): v = None
         setattr(cfg, f.name, v)
         if m.get("choices") and v not in m["choices"]:
@@ -107,6 +107,21 @@ def config_args(cfg):
         if value == getattr(defaults, f.name): continue
         args += [f"--{f.name}", "none" if value is None else str(_shown(value))]
     return args
+
+# %% ../nbs/02a_runs.ipynb #5ebf36ee
+def job_cli(config_cls, prog, about):
+    """The command line of a job whose flags are the fields of dataclass `config_cls`: `(config_parser, parse_config)`.
+    `config_parser()` is its `argparse` parser (`--help`); `parse_config(argv=None)` reads flags (`sys.argv[1:]` if
+    None) into a `config_cls`. `prog` is the command (`python -m lupnl.finetune`), `about` its one-line description."""
+    name = config_cls.__name__
+    def config_parser():
+        return dataclass_parser(config_cls, prog, about)
+    def parse(argv=None):
+        return parse_config(config_cls, argv, prog, about)
+    config_parser.__doc__ = f"The parser of `{prog}`: one flag per `{name}` field."
+    parse.__doc__ = f"A `{name}` from the flags of `{prog}` (`sys.argv[1:]` if `argv` is None)."
+    parse.__name__ = parse.__qualname__ = "parse_config"
+    return config_parser, parse
 
 # %% ../nbs/02a_runs.ipynb #0435659d
 _LITERALS = (str, int, float, bool, type(None), list, tuple, dict)   # what papermill can inject
@@ -226,6 +241,8 @@ def _load_safetensors(path, map_location, size):
     try: return load_file(str(path), device=str(map_location))
     except Exception as e: raise CheckpointError(f"cannot read safetensors file {path} ({size} bytes): {e}") from e
 
+
+# %% ../nbs/02a_runs.ipynb #a11ffad2
 def load_checkpoint(path, map_location="cpu"):
     "A checkpoint written by `save_checkpoint` (`torch.load(weights_only=True)`) or a `.safetensors` state dict, or a `CheckpointError` saying what the file is."
     path = Path(path)
@@ -432,3 +449,38 @@ def plot_log(out_dir, panels, ncols=3):
     fig.suptitle(f"{Path(out_dir).name}: {len(rows)} epochs")
     fig.tight_layout()
     return fig
+
+# %% ../nbs/02a_runs.ipynb #7cd8cc41
+def repo_root(start=None):
+    "The lupnl checkout holding `start` (default: the working directory, else the installed `lupnl`): the folder with `settings.ini` and `lupnl/`; None if there is none."
+    if start is None:
+        import lupnl
+        starts = [Path.cwd(), Path(lupnl.__file__).parent]
+    else: starts = [Path(start)]
+    for s in starts:
+        s = s.resolve()
+        for p in (s, *s.parents):
+            if (p / "settings.ini").is_file() and (p / "lupnl" / "__init__.py").is_file(): return p
+    return None
+
+def run_slow(flag=None, environ=os.environ):
+    "Run a notebook's slow section? `flag` when given, else True only under `nbdev_test` (`IN_TEST=1`)."
+    if flag is not None: return bool(flag)
+    return environ.get("IN_TEST") == "1"
+
+def save_figure(fig, name, out_dir, dpi=100, images=None, **kwargs):
+    """Save `fig` (a matplotlib figure, or a PIL image) as `out_dir/name` (creating `out_dir`; skipped when `out_dir`
+    is None) and, only when `LUPNL_IMAGES=1`, also as `images/name` (default: the repository's `images/`,
+    `repo_root()/images`): the list of paths written."""
+    paths = [] if out_dir is None else [Path(out_dir) / name]
+    if os.environ.get("LUPNL_IMAGES") == "1":
+        if images is None:
+            root = repo_root()
+            if root is None: raise FileNotFoundError("LUPNL_IMAGES=1 but no lupnl checkout found (repo_root() is None)")
+            images = root / "images"
+        paths.append(Path(images) / name)
+    for p in paths:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        if hasattr(fig, "savefig"): fig.savefig(p, **{"dpi": dpi, "bbox_inches": "tight", **kwargs})
+        else: fig.save(p, **kwargs)
+    return paths

@@ -39,7 +39,7 @@ def _corrupt_lmdb(tmp_path, n=40, bad=(3, 11, 12, 20, 27, 35, 38, 39)):   # runs
     return write_lmdb(tmp_path / "bad", items, progress=False), len(bad)
 
 
-@pytest.mark.parametrize("ctx", ["fork", "spawn"])
+@pytest.mark.parametrize("ctx", ["fork", pytest.param("spawn", marks=pytest.mark.slow)])   # spawn: ~15 s of worker start-up
 def test_skipped_counted_across_two_workers(tmp_path, ctx):
     root, n_bad = _corrupt_lmdb(tmp_path)
     ds = LMDBDataset(root, reid_test_transform((16, 8)))

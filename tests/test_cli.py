@@ -30,6 +30,20 @@ def test_help_is_fast_and_imports_no_torch():
     assert out.stdout.strip().endswith("TORCH False"), out.stdout[-300:]
 
 
+@pytest.mark.parametrize("job, flag", [("finetune", "--margin"), ("pretrain", "--queue_size")])
+def test_job_help_imports_no_torch(job, flag):
+    "`python -m lupnl.<job> --help` (its parser made by `lupnl.runs.job_cli`) prints the flags and exits before torch is imported."
+    probe = (f"import runpy, sys\nsys.argv = ['lupnl.{job}', '--help']\n"
+             f"try: runpy.run_module('lupnl.{job}', run_name='__main__')\nexcept SystemExit as e: print('EXIT', e.code)\n"
+             "print('TORCH', 'torch' in sys.modules)")
+    t0 = time.time()
+    out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=ENV, capture_output=True, text=True, check=True)
+    took = time.time() - t0
+    assert f"usage: python -m lupnl.{job}" in out.stdout and flag in out.stdout, out.stdout[-500:]
+    assert out.stdout.strip().endswith("EXIT 0\nTORCH False"), out.stdout[-300:]
+    assert took < 3, f"--help took {took:.1f}s"
+
+
 def test_bad_flags_and_files_give_one_line_errors(tmp_path):
     res = cli("x.pth", "--size", "256")
     assert res.returncode == 2 and "expected HxW" in res.stderr and "Traceback" not in res.stderr
@@ -69,6 +83,7 @@ def test_finetuned_checkpoint_reproduces_its_logged_map(finetuned):
     assert abs(float(values.split()[0]) - last["mAP"]) <= 0.01
 
 
+@pytest.mark.slow
 def test_crop_size_matters_and_size_overrides(finetuned):
     "The 256x128 default would score this 64x32 model differently; `--size` still wins over the checkpoint's size."
     from lupnl import load_model
@@ -82,7 +97,7 @@ def test_crop_size_matters_and_size_overrides(finetuned):
 
 
 def _toy_bench():
-    from lupnl.data import toy_dataset
+    from lupnl.toy import toy_dataset
     return toy_dataset(progress=False).bench
 
 

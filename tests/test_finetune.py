@@ -228,6 +228,7 @@ def test_vit_refusals(tmp_path):
 
 # ---------------------------------------------------------------- resume
 
+@pytest.mark.slow
 def test_resume_continues_and_replays_exactly(tmp_path):
     a, b = tmp_path / "interrupted", tmp_path / "straight"
     train(FinetuneConfig(**TINY, epochs=1, out_dir=str(a)))
@@ -250,6 +251,7 @@ def test_resume_continues_and_replays_exactly(tmp_path):
 
 # ---------------------------------------------------------------- command line
 
+@pytest.mark.slow
 def test_command_line(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     base = [sys.executable, "-m", "lupnl.finetune", "--out_dir", str(tmp_path / "cli"), "--epochs", "1",
@@ -296,6 +298,7 @@ def test_parameters_cell_is_the_config():
     assert FinetuneConfig(**params) == FinetuneConfig() and len(params) == len(defaults)
 
 
+@pytest.mark.slow
 def test_papermill_defaults(tmp_path):
     out_dir = tmp_path / "run"
     t0 = time.time()

@@ -110,6 +110,7 @@ def _ddp_worker(rank, world, port, steps, result_path):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_keep_buffers_identical(tmp_path):
     steps, result = 3, tmp_path / "rank0.pt"
     mp.spawn(_ddp_worker, args=(2, _free_port(), steps, str(result)), nprocs=2, join=True)

@@ -1,5 +1,5 @@
-"""lupnl.inspect (with lupnl.noise and lupnl.tracks) on real data and the built-in toy dataset: noise report,
-simulator rates, MOT17 cropping, benchmark statistics, sampling bounds. Expected values are computed independently of lupnl.inspect where possible."""
+"""lupnl.explore (with lupnl.noise and lupnl.tracks) on real data and the built-in toy dataset: noise report,
+simulator rates, MOT17 cropping, benchmark statistics, sampling bounds. Expected values are computed independently of lupnl.explore where possible."""
 import csv, json, pickle, shutil, sys
 from collections import Counter
 from pathlib import Path
@@ -11,7 +11,7 @@ from PIL import Image
 from lupnl.data import LMDBDataset, load_keys, read_benchmark
 from lupnl.noise import compare_labelings, label_owners, noise_report, purity, simulate_noise
 from lupnl.toy import toy_dataset
-from lupnl.inspect import image_sizes, label_stats, plot_summary, sample_grid, benchmark_stats
+from lupnl.explore import image_sizes, label_stats, plot_summary, sample_grid, benchmark_stats
 from lupnl.tracks import crops_from_tracks, noisy_lmdb, plan_crops, read_frames, read_mot, tracks_to_lmdb
 
 RATES = ("split", "merge", "flip", "junk")
