@@ -322,8 +322,7 @@ class PNL(nn.Module):
         self.alpha, self.threshold, self.shuffle_bn, self.num_splits = alpha, threshold, shuffle_bn, num_splits
         self.use_cls, self.use_proto, self.use_instance = use_cls, use_proto, use_instance
         self.use_correction, self.use_label_guided = use_correction, use_label_guided
-        self.w_cls, self.w_proto, self.w_inst = w_cls, w_proto, w_inst
-        self.has_prototypes = use_proto or use_correction
+        self.w_cls, self.w_proto, self.w_inst, self.has_prototypes = w_cls, w_proto, w_inst, use_proto or use_correction
         if guided_label not in ("noisy", "corrected"): raise ValueError(f"PNL: guided_label must be 'noisy' or 'corrected', not {guided_label!r}")
         self.guided_label, self.T_correct = guided_label, T if T_correct is None else T_correct
         self.inst_head = inst_head and use_instance and self.has_prototypes   # a second head only where there are two uses
@@ -521,10 +520,13 @@ def monitor_summary(mon, labels=None, threshold=0.8):
     return out
 
 def collapse_warnings(row, queue_size):
-    "Warnings for a metrics `row`: a dead instance branch (`loss_inst` within 2% of ln(queue_size+1)) or a collapsing embedding (`emb_eff_rank` < 8)."
+    """Warnings for a metrics `row`: a dead instance branch (`loss_inst` within 2% of ln(queue_size+1), unless its top-1
+    accuracy `acc_inst` is at least 5x chance: a label-guided loss averages over several positives and sits high while
+    learning) or a collapsing embedding (`emb_eff_rank` < 8)."""
     out, lnk = [], math.log(queue_size + 1)
     li, rank = row.get("loss_inst"), row.get("emb_eff_rank")
-    if queue_size > 0 and li is not None and li > 0 and abs(li - lnk) <= 0.02 * lnk:
+    alive = row.get("acc_inst") is not None and queue_size > 0 and row["acc_inst"] >= 5 * 100 / (queue_size + 1)
+    if queue_size > 0 and li is not None and li > 0 and abs(li - lnk) <= 0.02 * lnk and not alive:
         out.append(f"WARNING: instance loss {li:.3f} is within 2% of ln(queue+1) = {lnk:.3f}: the instance branch has stopped learning")
     if rank is not None and rank < 8:
         out.append(f"WARNING: embedding effective rank {rank:.1f} < 8: the embedding is collapsing")

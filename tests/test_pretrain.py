@@ -12,7 +12,7 @@ from lupnl.pretrain import PretrainConfig, config_args, load_checkpoint, read_me
 REPO = Path(__file__).resolve().parents[1]
 # The fixtures data_home, env, tiny_lmdb, tiny_bench and tiny_config live in conftest.py (shared with test_bad_input.py).
 EXPECTED_KEYS = {"epoch", "lr", "loss", "loss_cls", "loss_proto", "loss_inst", "acc_inst", "acc_cls", "epoch_time",
-                 "corrected", "purity_before", "purity", "precision", "recall",
+                 "n_corrected", "purity_before", "purity", "bcubed_f_before", "n_fixed",
                  # issue 11, section 2: the collapse / correction monitors, and their scores against the truth
                  "emb_mean_norm", "emb_eff_rank", "proto_top1", "cls_conf_median", "proto_conf_median", "above_threshold",
                  "corrected_frac", "correction_precision", "correction_recall", "fixable_frac", "bcubed_f", "monitor_time"}
@@ -39,6 +39,7 @@ def test_parameters_cell_is_the_config():
     assert params == asdict(PretrainConfig())
 
 
+@pytest.mark.slow
 def test_papermill_defaults(tmp_path, env):
     "The README's main command: papermill with default parameters, built-in data generated from scratch, <= 5 min."
     out = tmp_path / "run"
@@ -62,6 +63,7 @@ def test_papermill_defaults(tmp_path, env):
     assert (out / "metrics.png").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_kill_and_resume(tmp_path, env, tiny_lmdb, tiny_bench, tiny_config):
     "SIGKILL a run right after its first checkpoint; running it again resumes there and replays the uninterrupted run."
     epochs = 3
@@ -99,10 +101,11 @@ def test_kill_and_resume(tmp_path, env, tiny_lmdb, tiny_bench, tiny_config):
                    capture_output=True)
     ref = read_metrics(straight)
     for a, b in zip(rows, ref):
-        for k in ("loss", "loss_cls", "loss_inst", "loss_proto", "corrected", "mAP"):
+        for k in ("loss", "loss_cls", "loss_inst", "loss_proto", "corrected_frac", "mAP"):
             if k in b: assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), (a["epoch"], k, a[k], b[k])
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_gloo(tmp_path, env, tiny_lmdb, tiny_bench, tiny_config):
     "torchrun with 2 CPU processes (gloo): completes; queue, prototypes, labels and weights agree across ranks; it learns."
     out, epochs = tmp_path / "ddp", 3
@@ -132,8 +135,8 @@ def test_help_is_fast_and_explains(env):
     res = subprocess.run([sys.executable, "-m", "lupnl.pretrain", "--help"], env=env, capture_output=True, text=True, check=True)
     seconds = time.time() - t0
     text = " ".join(res.stdout.split())
-    assert ("--lr LR peak learning rate (default: the reference's, scaled linearly to batch 64: 0.4 * 64 / 1536) "
-            "(default: 0.016666666666666666; reference: 0.4 at batch 1536)") in text
+    assert ("--lr LR peak learning rate (none: the preset's reference lr scaled linearly to batch_size: PNL 0.4 * B / 1536, "
+            "MoCo v2 0.3 * B / 2560) (default: None; reference: 0.4 at batch 1536 (PNL), 0.3 at 2560 (MoCo v2))") in text
     assert "one of: pnl, ce, moco, no_proto, no_correction, no_label_guided" in text
     assert "--timeout TIMEOUT seconds a DDP process waits" in text
     print(f"--help: {seconds:.2f} s")
@@ -154,9 +157,11 @@ def test_notebook_switch_is_not_overwritten():
     "`-p run_ablation True` survives the notebook's later cells (None means: only under nbdev_test --flags slow)."
     nb = json.loads((REPO / "nbs" / "03_pretrain.ipynb").read_text())
     cell = next(c for c in nb["cells"] if "ablation_cfg = replace" in "".join(c["source"]))
-    code = "".join(l for l in "".join(cell["source"]).splitlines(True) if l.startswith("if run_ablation"))
+    code = "".join(l for l in "".join(cell["source"]).splitlines(True) if l.startswith("run_ablation = "))
+    assert "run_slow(run_ablation)" in code
+    from lupnl.runs import run_slow
     for given, env_in_test, expected in ((True, None, True), (False, "1", False), (None, "1", True), (None, None, False)):
-        ns = dict(run_ablation=given, os=os)
+        ns = dict(run_ablation=given, os=os, run_slow=run_slow)
         os.environ.pop("IN_TEST", None) if env_in_test is None else os.environ.__setitem__("IN_TEST", env_in_test)
         try: exec(code, ns)
         finally: os.environ.pop("IN_TEST", None)
@@ -216,3 +221,23 @@ def test_vit_command_line(tmp_path, env, tiny_lmdb, tiny_bench, tiny_config):
     bad = subprocess.run([sys.executable, "-m", "lupnl.pretrain", "--trunk_depth", "2", "--out_dir", str(tmp_path / "bad")],
                          env=env, cwd=tmp_path, capture_output=True, text=True)
     assert bad.returncode != 0 and "trunk_depth is for ViT trunks only" in bad.stderr and not (tmp_path / "bad").exists()
+
+
+@pytest.mark.slow
+def test_recipe_follows_batch_and_epochs(tmp_path, tiny_lmdb, tiny_bench, tiny_config):
+    """lr, milestones and starts left None follow the preset's reference recipe, scaled to this run; the checkpoint stores
+    the resolved values; resuming with more epochs is refused with a hint to give the derived fields explicitly."""
+    from dataclasses import replace
+    from lupnl.pretrain import resolve_config
+    cfg = tiny_config(tiny_lmdb, tiny_bench, tmp_path / "run", 2, lr=None, lr_steps=None, correct_start=None,
+                      label_guided_start=None, monitor_size=0)
+    train(cfg)
+    saved = load_checkpoint(tmp_path / "run" / "checkpoint.pth")["config"]
+    assert saved["lr"] == pytest.approx(0.4 * 16 / 1536) and tuple(saved["lr_steps"]) == (1,)
+    assert (saved["schedule"], saved["temperature"], saved["views"]) == ("step", 0.07, "weak,strong")
+    with pytest.raises(ValueError, match=r"(?s)lr_steps: \(1,\) in the checkpoint, \(2, 4\) now.*follow epochs when left None.*--lr_steps 1"):
+        train(replace(cfg, epochs=5))
+    rows = train(replace(cfg, epochs=3, lr_steps=(1,), correct_start=1, label_guided_start=1))   # explicit: accepted
+    assert [r["epoch"] for r in rows] == [0, 1, 2]
+    moco = resolve_config(replace(cfg, preset="moco"))
+    assert (moco.lr, moco.schedule, moco.temperature, moco.views) == (pytest.approx(0.3 * 16 / 2560), "cosine", 0.1, "strong,strong")
