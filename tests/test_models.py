@@ -257,18 +257,15 @@ def test_export_backbone_round_trip_into_torchvision_resnet50():
 # ---------------------------------------------------------------- the step: same results as before the fused head
 
 def _instance_loss_v0(q, k, queue, T, queue_labels=None, targets=None):
-    "Frozen copy of `instance_loss` before 1/T was folded into q (lupnl a3fc464)."
-    l_pos = (q * k).sum(dim=1, keepdim=True)
-    logits = torch.cat([l_pos, q @ queue.t()], dim=1) / T
-    if queue_labels is None:
-        loss = F.cross_entropy(logits.float(), torch.zeros(len(q), dtype=torch.long, device=q.device))
-        hit = logits.argmax(dim=1) == 0
-    else:
-        pos = torch.cat([torch.ones_like(targets[:, None], dtype=torch.bool), queue_labels[None] == targets[:, None]], dim=1)
-        logp = F.log_softmax(logits.float(), dim=1)
-        loss = (-(logp * pos).sum(dim=1) / pos.sum(dim=1)).mean()
-        hit = pos.gather(1, logits.argmax(dim=1, keepdim=True)).squeeze(1)
-    return loss, 100 * hit.float().mean()
+    """Oracle of `instance_loss` as it was before 1/T was folded into q (lupnl a3fc464), written independently: logits / T,
+    log-probabilities by logsumexp, one positive mask for both the plain (own key only) and the label-guided loss."""
+    logits = torch.cat([(q * k).sum(dim=1, keepdim=True), q @ queue.t()], dim=1).float() / T
+    logp = logits - torch.logsumexp(logits, dim=1, keepdim=True)
+    pos = torch.zeros_like(logp, dtype=torch.bool)
+    pos[:, 0] = True
+    if queue_labels is not None: pos[:, 1:] = queue_labels[None] == targets[:, None]
+    loss = (-(logp * pos).sum(dim=1) / pos.sum(dim=1)).mean()
+    return loss, 100 * pos.gather(1, logits.argmax(dim=1, keepdim=True)).squeeze(1).float().mean()
 
 
 def _forward_v0(self, im_q, im_k=None, labels=None, index=None, proto=True, correct=False, label_guided=False):
