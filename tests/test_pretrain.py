@@ -241,3 +241,13 @@ def test_recipe_follows_batch_and_epochs(tmp_path, tiny_lmdb, tiny_bench, tiny_c
     assert [r["epoch"] for r in rows] == [0, 1, 2]
     moco = resolve_config(replace(cfg, preset="moco"))
     assert (moco.lr, moco.schedule, moco.temperature, moco.views) == (pytest.approx(0.3 * 16 / 2560), "cosine", 0.1, "strong,strong")
+
+
+def test_tracker_noise_is_the_built_in_datas():
+    "The real-data ablation simulates exactly the noise rates the built-in data is generated with."
+    import inspect
+    from lupnl.toy import make_toy_dataset
+    from lupnl.pretrain import TRACKER_NOISE
+    params = inspect.signature(make_toy_dataset).parameters
+    assert set(TRACKER_NOISE) == {"split", "switch", "merge", "flip", "junk"}
+    assert {k: params[k].default for k in TRACKER_NOISE} == TRACKER_NOISE
