@@ -506,7 +506,10 @@ def read_benchmark(root, name=None):
 
 # %% ../nbs/00_data.ipynb #e502d352
 def _open_image(path):
-    try: return Image.open(path).convert("RGB")
+    "`path` as an RGB image (deeper than 8 bits: scaled by `_to_8bit`, as in the LMDB), or a `DataNotFoundError` / `CorruptImageError`."
+    try:
+        im = Image.open(path)
+        return (_to_8bit(im) if im.mode.startswith("I") or im.mode == "F" else im).convert("RGB")
     except FileNotFoundError: raise DataNotFoundError(f"image not found: {path}")
     except Exception as e: raise CorruptImageError(f"corrupt image {path}: {type(e).__name__}: {e}") from e
 

@@ -5,7 +5,8 @@
 # %% auto #0
 __all__ = ['METRICS', 'DEFAULT_SIZE', 'cli_parser', 'extract_features', 'compute_distance', 'RankResult', 'evaluate_rank',
            'evaluate_features', 're_ranking', 'average_query_expansion', 'plot_retrieval', 'evaluate',
-           'checkpoint_kind', 'OnnxModel', 'trunk_arch', 'load_model', 'format_scores', 'default_benchmark', 'main']
+           'checkpoint_kind', 'OnnxModel', 'trunk_arch', 'weights_trunk', 'load_model', 'format_scores',
+           'default_benchmark', 'main']
 
 # %% ../nbs/05_evaluate.ipynb #9fa4f417
 import argparse, sys
@@ -587,6 +588,16 @@ def trunk_arch(state):
         raise ValueError(f"not a torchvision ResNet trunk: {depth} {block} blocks in layer3 (known: {known})")
     return _DEPTHS[block, depth]
 
+def weights_trunk(state):
+    "An empty trunk for an exported backbone's `state`: a timm ViT (width and depth read from `pos_embed` and `blocks.N`), else `trunk_arch`'s ResNet."
+    from lupnl.models import build_trunk
+    if "pos_embed" not in state: return build_trunk(trunk_arch(state))
+    vits = {384: "vit_small_patch16", 768: "vit_base_patch16"}
+    width = state["pos_embed"].shape[-1]
+    if width not in vits: raise ValueError(f"not a lupnl ViT trunk: embedding width {width} (known: {vits})")
+    return build_trunk(vits[width], depth=len({k.split(".")[1] for k in state if k.startswith("blocks.")}))
+
+
 # %% ../nbs/05_evaluate.ipynb #e7465ed4
 def _run_model(kind, ckpt):
     "The model a run's checkpoint describes (from its config), weights loaded: the BoT / MGN of a fine-tuning run, a pre-training run's trunk."
@@ -597,8 +608,8 @@ def _run_model(kind, ckpt):
         model = build_model(FinetuneConfig(**{k: v for k, v in cfg.items() if k in known}), ckpt["num_classes"])[0]
         model.load_state_dict(ckpt["model"])
         return model
-    from lupnl.models import resnet_trunk, load_pretrained
-    trunk = resnet_trunk(cfg["arch"])
+    from lupnl.models import build_trunk, load_pretrained
+    trunk = build_trunk(cfg["arch"], **({"depth": cfg["trunk_depth"]} if cfg.get("trunk_depth") else {}))   # ResNet or ViT
     load_pretrained(trunk, ckpt["model"], verbose=False)        # strict: every trunk tensor, right shapes
     return trunk
 
@@ -626,10 +637,10 @@ def load_model(path, device="cpu", checkpoint=None):
         ckpt = path if path.suffix == ".safetensors" else load_checkpoint(path) if checkpoint is None else checkpoint
         kind = "weights" if isinstance(ckpt, Path) else checkpoint_kind(ckpt)
         if kind == "weights":
-            from lupnl.models import _read_state, resnet_trunk, load_pretrained
+            from lupnl.models import _read_state, load_pretrained
             try:
                 state = _read_state(ckpt)[0]
-                model = resnet_trunk(trunk_arch(state))
+                model = weights_trunk(state)
                 load_pretrained(model, state, verbose=False)
             except ValueError as e: raise ValueError(f"load_model({path}): {e}") from e
             size = _saved_img_size(path.parent)

@@ -17,7 +17,7 @@ import matplotlib.pyplot as plt
 import seaborn as sns
 from PIL import Image, ImageOps
 
-from .data import LABEL_FIELDS, DataError, LMDBDataset, Benchmark, Item, load_keys
+from .data import LABEL_FIELDS, DataError, LMDBDataset, Benchmark, Item, load_keys, _open_image
 
 # %% ../nbs/01_explore.ipynb #0033523e
 def keys_info(src):
@@ -189,7 +189,7 @@ def _field(src, name):
 
 def _open(src, i):
     if isinstance(src, LMDBDataset): return src.image(i)
-    with Image.open(src[i].path if isinstance(src[i], Item) else src[i]) as im: return im.convert("RGB")
+    return _open_image(src[i].path if isinstance(src[i], Item) else src[i])   # the readers' decoding and errors
 
 def sample_grid(src, n_ids=6, per_id=6, seed=0, field=None, annotate=None, values=None, cell=(48, 96)):
     """A grid of crops, one row per identity: `n_ids` random labels (or values of `field`, negatives left out)

@@ -5,9 +5,9 @@
 # %% auto #0
 __all__ = ['ARCH_CHOICES', 'MGN_NEEDS_RESNET', 'config_parser', 'parse_config', 'LOSS_KEYS', 'PANELS', 'FinetuneConfig',
            'imagenet_vit_error', 'set_stride', 'trunk_channels', 'is_resnet', 'BoT', 'MGN', 'label_smoothed_ce',
-           'pairwise_distance', 'batch_hard_triplet', 'build_optimizer', 'imagenet_weights', 'trunk_state',
-           'build_model', 'load_benchmark', 'training_items', 'build_loaders', 'reid_losses', 'start_run', 'resume',
-           'train_one_epoch', 'end_epoch', 'train', 'main']
+           'pairwise_distance', 'batch_hard_triplet', 'build_optimizer', 'imagenet_weights', 'build_model',
+           'load_benchmark', 'training_items', 'build_loaders', 'reid_losses', 'start_run', 'resume', 'train_one_epoch',
+           'end_epoch', 'train', 'main']
 
 # %% ../nbs/04_finetune.ipynb #b9755aae
 import copy, math, sys, time
@@ -202,24 +202,8 @@ def imagenet_weights(arch):
                                 f"or pass its path as init")
     return found[0]
 
-_MGN_TRUNK = (("stem.0.", "conv1."), ("stem.1.", "bn1."), ("stem.4.", "layer1."), ("stem.5.", "layer2."),
-              ("stem.6.", "layer3.0."), ("branches.0.1.", "layer4."))
-
-def trunk_state(state):
-    "The ResNet trunk of a fine-tuned BoT (`backbone.*`) or MGN (stem + global branch) state dict, in torchvision names."
-    out = {}
-    for k, v in state.items():
-        if k.startswith("backbone."): out[k[len("backbone."):]] = v
-        elif k.startswith("branches.0.0."):                      # MGN's global copy of layer3[1:]
-            i, rest = k[len("branches.0.0."):].split(".", 1)
-            out[f"layer3.{int(i) + 1}.{rest}"] = v
-        else: out.update({new + k[len(old):]: v for old, new in _MGN_TRUNK if k.startswith(old)})
-    return out
 
 # %% ../nbs/04_finetune.ipynb #e455d721
-def _is_finetuned(ck):
-    return isinstance(ck, dict) and "num_classes" in ck and (ck.get("config") or {}).get("model") in ("bot", "mgn")
-
 def build_model(cfg, num_classes):
     "BoT or MGN (`cfg.model`) on a `cfg.arch` trunk (`cfg.trunk_depth` ViT blocks) initialised from `cfg.init`: `(model, LoadReport or None)`."
     trunk, report = build_trunk(cfg.arch, **({} if cfg.trunk_depth is None else dict(depth=cfg.trunk_depth))), None
@@ -227,8 +211,7 @@ def build_model(cfg, num_classes):
         path = imagenet_weights(cfg.arch) if cfg.init == "imagenet" else Path(cfg.init)
         if not path.is_file(): raise FileNotFoundError(f"init={cfg.init!r}: checkpoint not found: {path}")
         ck = load_checkpoint(path)                               # names empty, ONNX and unreadable files
-        state = trunk_state(ck["model"]) if _is_finetuned(ck) else ck
-        try: report = load_pretrained(trunk, state, verbose=False)
+        try: report = load_pretrained(trunk, ck, verbose=False)   # also BoT's backbone.*, MGN's stem + global branch
         except ValueError as e: raise ValueError(str(e).replace("<state_dict>", str(path))) from None
         report.source = str(path)
     model = BoT(trunk, num_classes, cfg.last_stride) if cfg.model == "bot" else MGN(trunk, num_classes)

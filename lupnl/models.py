@@ -256,7 +256,7 @@ def _ghost_bn(bn, x, splits):
 @torch.no_grad()
 def ghost_bn_embed(encoder, x, splits):
     "`torch.cat([encoder.embed(c) for c in x.chunk(splits)])` in one pass (BN per chunk); the loop where BN cannot be split so."
-    bns = [m for m in encoder.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    bns = [m for m in encoder.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]   # eval BN: per sample
     if (not encoder.training or len(x) % splits or
             any(b.momentum is None or not b.track_running_stats or b.running_mean is None for b in bns)):
         return torch.cat([encoder.embed(c) for c in x.chunk(splits)])
@@ -407,12 +407,12 @@ def _losses(self:PNL, out, k, labels, do_proto, do_correct, guided):
     zero = out.feat.new_zeros((), dtype=torch.float32)
     logp_cls = F.log_softmax(out.logits.float(), dim=1) if self.use_cls else None
     logp_proto = logp_corr = None
-    if do_proto or do_correct:
+    if do_proto or (do_correct and self.T_correct == self.T):           # the prototype loss's logits, or the correction's
         with torch.set_grad_enabled(do_proto and torch.is_grad_enabled()):  # correction only: no graph
             logp_proto = F.log_softmax(((out.emb / self.T) @ self.prototypes.t()).float(), dim=1)
         logp_corr = logp_proto.detach()
-        if do_correct and self.T_correct != self.T:                         # extension: its own temperature
-            with torch.no_grad(): logp_corr = F.log_softmax(((out.emb / self.T_correct) @ self.prototypes.t()).float(), dim=1)
+    if do_correct and self.T_correct != self.T:                             # extension: its own temperature
+        with torch.no_grad(): logp_corr = F.log_softmax(((out.emb / self.T_correct) @ self.prototypes.t()).float(), dim=1)
     targets, corrected = labels, None
     if labels is not None:
         corrected = torch.zeros_like(labels, dtype=torch.bool)
@@ -584,7 +584,8 @@ def _read_file(path):
     if not path.is_file(): raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.stat().st_size == 0: raise ValueError(f"{path} is empty (0 bytes, an empty file): its write or copy never finished")
     with open(path, "rb") as f: head = f.read(8)
-    onnx = path.suffix.lower() == ".onnx" or (head[:1] == b"\x08" and not head.startswith(b"PK"))  # ModelProto.ir_version
+    suffix = path.suffix.lower()           # a safetensors header length may start with byte 8 too: trust that suffix
+    onnx = suffix == ".onnx" or (suffix != ".safetensors" and head[:1] == b"\x08")  # ModelProto.ir_version
     if onnx: raise ValueError(f"{path}: this is an ONNX model, not a lupnl checkpoint: evaluate it with "
                               "`lupnl.evaluate.OnnxModel`; "
                               "load_pretrained needs weights (checkpoint.pth, backbone.pth or backbone.safetensors)")

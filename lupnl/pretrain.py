@@ -11,7 +11,7 @@ __all__ = ['PRESETS', 'ARCH_CHOICES', 'VIEWS', 'RECIPES', 'config_parser', 'pars
            'random_init_scores', 'train_ablation', 'summarize_ablation', 'plot_ablation']
 
 # %% ../nbs/03_pretrain.ipynb #2e591967
-import math, os, subprocess, sys, time
+import copy, inspect, math, os, shlex, subprocess, sys, time
 from dataclasses import dataclass, asdict, fields, replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -123,7 +123,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from .toy import toy_dataset
+from .toy import toy_dataset, make_toy_dataset
 from .data import (LMDBDataset, TwoViewTransform, reid_train_transform, reid_test_transform,
                         pretrain_strong_transform, DistributedShuffleSampler)
 from .noise import correction_scores
@@ -210,7 +210,8 @@ def build_data(cfg, rank=0, world_size=1, cuda=False, defer=None):
 # %% ../nbs/03_pretrain.ipynb #3f1e8702
 def monitor_sample(dataset, n, size, seed=0):
     "A fixed sample of `n` crops of `dataset`'s LMDB (test transform) and their dataset indices."
-    ds = LMDBDataset(dataset.root, reid_test_transform(size))
+    ds = copy.copy(dataset)                      # the same keys and labels, not a second read of keys.pkl
+    ds.transform, ds.return_index, ds._skipped = reid_test_transform(size), False, torch.zeros_like(dataset._skipped)
     idx = np.sort(np.random.default_rng(seed).choice(len(ds), min(n, len(ds)), replace=False))
     return torch.stack([ds[int(i)][0] for i in idx]), torch.as_tensor(idx)
 
@@ -243,10 +244,11 @@ def start_run(cfg, rank=0, world_size=1, device=torch.device("cpu")):
     run.mon = monitor_sample(dataset, cfg.monitor_size, cfg.img_size, cfg.seed) if rank == 0 and cfg.monitor_size else None
     run.scaler = torch.amp.GradScaler(device.type, enabled=run.amp)
     resume(run)
-    # with inst_head, the prototype head has no loss in epoch 0 (prototype loss from epoch 1): DDP must allow unused parameters
+    # the prototype head has no loss in epoch 0 (prototype loss from epoch 1) unless the instance loss shares it: DDP must
+    # then allow unused parameters
+    unused = model.has_prototypes and (getattr(model.encoder_q, "proj_inst", None) is not None or not model.use_instance)
     run.net = (torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if cuda else None, broadcast_buffers=False,
-                                                         find_unused_parameters=getattr(model.encoder_q, "proj_inst", None) is not None)
-               if world_size > 1 else model)
+                                                         find_unused_parameters=unused) if world_size > 1 else model)
     return run
 
 
@@ -257,7 +259,7 @@ def check_resumable_recipe(ckpt, run, path):
     except ValueError as e:
         derived = [k for k in ("lr_steps", "correct_start", "label_guided_start") if getattr(run.asked, k) is None and f"\n  {k}:" in str(e)]
         if not derived: raise
-        flag = lambda k, v: f"--{k} " + (",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v))
+        flag = lambda k, v: f"--{k} " + shlex.quote(",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v))
         raise ValueError(f"{e}\n{', '.join(derived)} follow epochs when left None: to resume with another number of epochs, give "
                          f"them explicitly (the checkpoint's: {' '.join(flag(k, ckpt['config'].get(k)) for k in derived)})") from None
 
@@ -392,8 +394,9 @@ def launch(cfg, nproc):
 if __name__ == "__main__" and not IN_NOTEBOOK: main()
 
 # %% ../nbs/03_pretrain.ipynb #d3a63db5
-ABLATION = ("pnl", "ce", "moco", "no_proto", "no_correction", "no_label_guided", "no_instance")
-TRACKER_NOISE = dict(split=0.3, switch=0.15, merge=0.02, flip=0.02, junk=0.05)   # the built-in data's (lupnl.toy) rates
+ABLATION = PRESETS
+TRACKER_NOISE = {k: inspect.signature(make_toy_dataset).parameters[k].default      # the built-in data's noise rates
+                 for k in ("split", "switch", "merge", "flip", "junk")}
 
 def ablation_configs(cfg, presets=ABLATION, seeds=(0, 1, 2)):
     "`{(preset, seed): config}`, each run in `out_dir/<preset>/seed<k>`, all on the same data files (the built-in data resolved once)."
@@ -403,10 +406,13 @@ def ablation_configs(cfg, presets=ABLATION, seeds=(0, 1, 2)):
     return {(p, s): replace(cfg, preset=p, seed=s, out_dir=str(Path(cfg.out_dir) / p / f"seed{s}")) for p in presets for s in seeds}
 
 def finished_rows(cfg):
-    "The metrics rows of the run in `cfg.out_dir` if it finished all `cfg.epochs` epochs, else None."
-    log = Path(cfg.out_dir) / "metrics.jsonl"
-    rows = read_metrics(cfg.out_dir) if log.exists() else []
-    return rows if len(rows) == cfg.epochs and (Path(cfg.out_dir) / "backbone.pth").exists() else None
+    "The metrics rows of the run in `cfg.out_dir` if it finished all `cfg.epochs` epochs with this config, else None."
+    out = Path(cfg.out_dir)
+    rows = read_metrics(out)
+    if len(rows) != cfg.epochs or not (out / "backbone.pth").exists(): return None
+    try: check_resumable(load_checkpoint(out / "checkpoint.pth"), resolve_config(cfg), out / "checkpoint.pth")
+    except ValueError: return None                       # another run's settings: train afresh (resume='never')
+    return rows
 
 def random_init_scores(cfg):
     "Retrieval of the trunk a run of `cfg` starts from (seeded as `start_run` seeds it), untrained."
@@ -430,10 +436,11 @@ def train_ablation(cfg, presets=ABLATION, seeds=(0, 1, 2), jobs=1):
     import pandas as pd
     from concurrent.futures import ThreadPoolExecutor
     cfgs = ablation_configs(cfg, presets, seeds)
-    todo = [c for c in cfgs.values() if finished_rows(c) is None]
+    done = {k: finished_rows(c) for k, c in cfgs.items()}
+    todo = [c for k, c in cfgs.items() if done[k] is None]
     with ThreadPoolExecutor(max(1, jobs)) as pool:
         list(tqdm(pool.map(_train_process, todo), total=len(todo), desc="ablation runs", disable=not todo))
-    rows = [dict(model=p, seed=s, **finished_rows(c)[-1]) for (p, s), c in cfgs.items()]
+    rows = [dict(model=p, seed=s, **(done[p, s] or read_metrics(c.out_dir))[-1]) for (p, s), c in cfgs.items()]
     base = next(iter(cfgs.values()))
     rows += [dict(model="random init", seed=s, **random_init_scores(replace(base, seed=s))) for s in seeds]
     table = pd.DataFrame(rows)

@@ -42,8 +42,8 @@ def check_config(cfg):
     "Normalise `cfg` in place (tuple fields from strings, 'none' to None), then check each field's choices and bounds: a `ValueError` naming the field."
     for f in fields(cfg):
         v, m = getattr(cfg, f.name), f.metadata
+        if f.default is None and v in ("none", "None", *(() if f.type is tuple else ("",))): v = None   # "" is () for tuples
         if f.type is tuple and v is not None: v = int_tuple(v)
-        if f.default is None and v in ("", "none", "None"): v = None
         setattr(cfg, f.name, v)
         if m.get("choices") and v not in m["choices"]:
             raise ValueError(f"{type(cfg).__name__}.{f.name} must be one of {', '.join(map(repr, m['choices']))}, not {v!r}")

@@ -201,8 +201,8 @@ def test_state_dict_mismatch_on_resume_names_checkpoint(finished, tmp_path):
     cfg = copy_run(finished, tmp_path / "run")
     path = Path(cfg.out_dir) / "checkpoint.pth"
     ck = load_checkpoint(path)
-    ck["model"] = {k: (v[:-1] if k in ("prototypes", "classifier.weight", "classifier.bias") else v) for k, v in ck["model"].items()}
-    ck["model"] = {k: (v[:-1] if k.startswith("encoder_q.classifier") and v.ndim > 0 else v) for k, v in ck["model"].items()}
+    ck["model"] = {k: (v[:-1] if k == "prototypes" or (k.startswith("encoder_q.classifier") and v.ndim > 0) else v)
+                   for k, v in ck["model"].items()}
     torch.save(ck, path)
     with pytest.raises(RuntimeError) as e:
         train(replace(cfg, epochs=2))
@@ -334,22 +334,6 @@ def test_finetune_negative_lr_on_the_command_line():
 
 
 # ---------------------------------------------------------------- 6. skipped corrupt images are logged
-
-def test_skipped_images_logged_per_epoch_and_in_total(finished, tmp_path, monkeypatch, capsys):
-    "A dataset that counts skipped images (B's `LMDBDataset.skipped`): the count per epoch lands in metrics.jsonl and the summary."
-    import lupnl.pretrain as pt
-    class Counting(LMDBDataset):
-        skipped = 0
-        def __getitem__(self, i):
-            type(self).skipped += 1 if i % 16 == 0 else 0              # pretend: every 16th item was corrupt
-            return super().__getitem__(i)
-    monkeypatch.setattr(pt, "LMDBDataset", Counting)
-    cfg = replace(finished, out_dir=str(tmp_path / "run"), epochs=2)
-    rows = train(cfg)
-    per_epoch = [r["skipped_images"] for r in rows]
-    assert all(n > 0 for n in per_epoch) and sum(per_epoch) == Counting.skipped
-    assert f"corrupt images skipped: {Counting.skipped}" in capsys.readouterr().out
-
 
 def test_skipped_corrupt_images_counted_across_workers(tiny_lmdb, tiny_bench, tmp_path, capsys, tiny_config):
     "8 corrupt crops of 128, read by 2 DataLoader workers: every epoch's row counts 8, the summary 16."

@@ -401,32 +401,11 @@ def test_backbone_safetensors_loads_into_torchvision_and_load_pretrained(tmp_pat
         _assert_trunk_equals(enc.trunk, expected)
 
 
-class _BoTLayout(nn.Module):
-    "The state-dict layout of lupnl.finetune.BoT (used when that module cannot be imported)."
-    def __init__(self, trunk, num_classes):
-        super().__init__()
-        self.backbone, self.bnneck, self.classifier = trunk, nn.BatchNorm1d(512), nn.Linear(512, num_classes, bias=False)
-
-
-class _MGNLayout(nn.Module):
-    "The state-dict layout of lupnl.finetune.MGN: a stem to layer3[0], three branches (global first), heads."
-    def __init__(self, trunk, num_classes):
-        super().__init__()
-        import copy
-        self.stem = nn.Sequential(trunk.conv1, trunk.bn1, trunk.relu, trunk.maxpool, trunk.layer1, trunk.layer2, trunk.layer3[0])
-        conv4 = nn.Sequential(*trunk.layer3[1:])
-        self.branches = nn.ModuleList([nn.Sequential(copy.deepcopy(conv4), trunk.layer4),
-                                       nn.Sequential(copy.deepcopy(conv4), copy.deepcopy(trunk.layer4)),
-                                       nn.Sequential(conv4, copy.deepcopy(trunk.layer4))])
-        self.classifiers = nn.ModuleList(nn.Linear(256, num_classes) for _ in range(8))
-
-
 def test_finetuning_checkpoints_are_inits(tmp_path):
     "BoT stores the trunk under `backbone.`, MGN splits it into a stem and a global branch (+ 2 branch copies, ignored)."
     from lupnl.models import resnet_trunk
-    try: from lupnl.finetune import BoT, MGN
-    except ImportError: BoT, MGN = _BoTLayout, _MGNLayout                  # finetune mid-refactor: the same layouts
-    for cls in (BoT, MGN, _BoTLayout, _MGNLayout):
+    from lupnl.finetune import BoT, MGN
+    for cls in (BoT, MGN):
         torch.manual_seed(0)
         trunk = resnet_trunk("resnet18")
         with torch.no_grad():

@@ -189,7 +189,7 @@ def test_backbone_safetensors(tmp_path, tiny_lmdb, tiny_bench, tiny_config):
 
 
 def test_vit_pretrains_and_fine_tunes(tmp_path, tiny_lmdb, tiny_bench, tiny_config):
-    "ViT-S/16 (full depth, timm, random init) pre-trains on CPU at 32x16 crops (2x1 patches); BoT fine-tunes from its safetensors."
+    "ViT-S/16 (full depth, timm, random init) pre-trains on CPU at 32x16 crops (2x1 patches); load_model reads it back; BoT fine-tunes from its safetensors."
     import lupnl.finetune as ft
     from safetensors.torch import load_file
     out = tmp_path / "vit"
@@ -200,6 +200,10 @@ def test_vit_pretrains_and_fine_tunes(tmp_path, tiny_lmdb, tiny_bench, tiny_conf
     assert 0 < rows[0]["mAP"] <= 100
     st = load_file(out / "backbone.safetensors")
     assert st["pos_embed"].shape == (1, 1 + 16 * 8, 384) and sum(k.endswith("attn.qkv.weight") for k in st) == 12
+    from lupnl.evaluate import load_model                 # the run, its .pth and its .safetensors: one ViT, same features
+    x = torch.randn(2, 3, 32, 16)
+    feats = [load_model(out / f)(x) for f in ("checkpoint.pth", "backbone.pth", "backbone.safetensors")]
+    assert feats[0].shape == (2, 384) and all(torch.allclose(feats[0], f, atol=1e-5) for f in feats[1:])
     t0 = time.time()
     cfg = ft.FinetuneConfig(arch="vit_small_patch16", init=str(out / "backbone.safetensors"), epochs=1, id_ratio=0.3,
                             P=4, K=4, img_size=(64, 32), eval_every=0, out_dir=str(tmp_path / "ft"))
@@ -243,11 +247,11 @@ def test_recipe_follows_batch_and_epochs(tmp_path, tiny_lmdb, tiny_bench, tiny_c
     assert (moco.lr, moco.schedule, moco.temperature, moco.views) == (pytest.approx(0.3 * 16 / 2560), "cosine", 0.1, "strong,strong")
 
 
-def test_tracker_noise_is_the_built_in_datas():
-    "The real-data ablation simulates exactly the noise rates the built-in data is generated with."
-    import inspect
-    from lupnl.toy import make_toy_dataset
-    from lupnl.pretrain import TRACKER_NOISE
-    params = inspect.signature(make_toy_dataset).parameters
-    assert set(TRACKER_NOISE) == {"split", "switch", "merge", "flip", "junk"}
-    assert {k: params[k].default for k in TRACKER_NOISE} == TRACKER_NOISE
+@pytest.mark.slow
+def test_ddp_no_instance_preset(tmp_path, env, tiny_lmdb, tiny_bench, tiny_config):
+    "Under DDP the prototype head has no loss in epoch 0 without the instance loss either: the run must not stop there."
+    out = tmp_path / "ddp_no_instance"
+    res = subprocess.run(torchrun_command(tiny_config(tiny_lmdb, tiny_bench, out, 2, preset="no_instance", queue_size=40), 2),
+                         env=env, cwd=tmp_path, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert [r["epoch"] for r in read_metrics(out)] == [0, 1]
