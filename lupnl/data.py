@@ -629,20 +629,31 @@ def reid_train_transform(size=(256, 128), mean=IMAGENET_MEAN, std=IMAGENET_STD, 
     return ReidTrainView(size, mean, std, pad, erase, defer)
 
 # %% ../nbs/00_data.ipynb #275082cc
+def _blur_radius(sigma, H, W, max_radius=None):
+    "Blur kernel radius for std `sigma` (a float or a tensor) on H×W: ⌈4σ⌉, at most H-1, W-1 (reflect padding), `max_radius`."
+    cap = min(H - 1, W - 1, *(() if max_radius is None else (max_radius,)))
+    return torch.ceil(4 * sigma).clamp(max=cap).long() if torch.is_tensor(sigma) else min(math.ceil(4 * sigma), cap)
+
+def _blur_batch(x, sigma, r):
+    "Separable Gaussian blur (reflect padding, kernel radius `r`) of each image of `x` (n, C, H, W) with its own `sigma` (n,)."
+    k = torch.exp(-0.5 * (torch.arange(-r, r + 1, dtype=torch.float64, device=x.device) / sigma.double()[:, None]) ** 2)
+    k = (k / k.sum(1, keepdim=True)).to(x.dtype)[:, :, None, None, None].unbind(1)   # 2r+1 taps, each (n, 1, 1, 1)
+    H, W = x.shape[-2:]
+    p = F.pad(x, (r, r, r, r), mode="reflect")
+    h = p[..., :, :W] * k[0]
+    for i in range(1, 2 * r + 1): h.addcmul_(p[..., :, i:i + W], k[i])    # along the rows, in place: no temporaries
+    out = h[..., :H, :] * k[0]
+    for i in range(1, 2 * r + 1): out.addcmul_(h[..., i:i + H, :], k[i])  # along the columns
+    return out
+
 def gaussian_blur(x, sigma, max_radius=None):
     """Separable Gaussian blur of a float `(..., H, W)` tensor with standard deviation `sigma` (pixels), reflect
     padding: torchvision's `gaussian_blur` with its kernel cut at radius ⌈4σ⌉ (or `max_radius`, if smaller)."""
-    r = min(math.ceil(4 * sigma), x.shape[-1] - 1, x.shape[-2] - 1, *(() if max_radius is None else (max_radius,)))
+    (H, W), sigma = x.shape[-2:], float(sigma)
+    r = _blur_radius(sigma, H, W, max_radius)
     if r < 1: return x
-    k = torch.exp(-0.5 * (torch.arange(-r, r + 1, dtype=torch.float64) / sigma) ** 2)
-    k = (k / k.sum()).tolist()
-    H, W = x.shape[-2:]
-    p = F.pad(x.reshape(-1, H, W), (r, r, r, r), mode="reflect")
-    h = p[..., :, :W] * k[0]
-    for i in range(1, 2 * r + 1): h.add_(p[..., :, i:i + W], alpha=k[i])   # along the rows
-    out = h[..., :H, :] * k[0]
-    for i in range(1, 2 * r + 1): out.add_(h[..., i:i + H, :], alpha=k[i])  # along the columns
-    return out.reshape(x.shape)
+    s = torch.full((1,), sigma, dtype=torch.float64, device=x.device)
+    return _blur_batch(x.reshape(1, -1, H, W), s, r).reshape(x.shape)   # all of `x` as one image
 
 # %% ../nbs/00_data.ipynb #8905ff40
 class StrongView(_View):
@@ -673,18 +684,6 @@ def pretrain_strong_transform(size=(256, 128), mean=IMAGENET_MEAN, std=IMAGENET_
     return StrongView(size, mean, std, defer=defer)
 
 # %% ../nbs/00_data.ipynb #7c3a1b1d
-def _blur_batch(x, sigma, r):
-    "`gaussian_blur` of each image of `x` (n, C, H, W) with its own `sigma` (n,), all with kernel radius `r`."
-    k = torch.exp(-0.5 * (torch.arange(-r, r + 1, dtype=torch.float64, device=x.device) / sigma.double()[:, None]) ** 2)
-    k = (k / k.sum(1, keepdim=True)).to(x.dtype)[:, :, None, None, None]       # (n, 2r+1, 1, 1, 1)
-    H, W = x.shape[-2:]
-    p = F.pad(x, (r, r, r, r), mode="reflect")
-    h = p[..., :, :W] * k[:, 0]
-    for i in range(1, 2 * r + 1): h.addcmul_(p[..., :, i:i + W], k[:, i])   # in place: no temporaries
-    out = h[..., :H, :] * k[:, 0]
-    for i in range(1, 2 * r + 1): out.addcmul_(h[..., i:i + H, :], k[:, i])
-    return out
-
 def _finish_batch(view, x, params, device=None):
     "The per-pixel steps of a deferred `view` on a batch: uint8 `x` (B, 3, H, W) + `params` (B, 5) -> normalised float views."
     x = x.to(device, non_blocking=True) if device is not None else x
@@ -692,7 +691,7 @@ def _finish_batch(view, x, params, device=None):
         return torch.cat([_finish_batch(view, x[a:a + 4], params[a:a + 4]) for a in range(0, len(x), 4)])
     x, p = view._norm(x), params.to(x.device)
     sig, (H, W) = p[:, 0], x.shape[-2:]
-    r = torch.ceil(4 * sig).clamp(max=min(H - 1, W - 1, *(() if view.max_radius is None else (view.max_radius,)))).long()
+    r = _blur_radius(sig, H, W, view.max_radius)
     for rv in torch.unique(r[sig > 0]).tolist():  # one pass per kernel radius: the work of per-image kernels
         if rv < 1: continue
         idx = torch.nonzero((sig > 0) & (r == rv)).flatten()

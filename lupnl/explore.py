@@ -59,15 +59,8 @@ def label_sources(src):
     return None, None
 
 # %% ../nbs/01_explore.ipynb #6c789405
-def _labels_per_source(labels, sources):
-    "Number of distinct labels (>= 0) per source -> Series."
-    ok = np.asarray(labels) >= 0
-    return pd.DataFrame({"label": np.asarray(labels)[ok], "source": np.asarray(sources)[ok]}).groupby("source").label.nunique()
-
-def label_stats(src, label_field=None):
-    """Label statistics from `keys.pkl` alone -> (summary dict, per-label DataFrame). Negative labels are
-    unlabelled and left out of the per-label numbers."""
-    info = keys_info(src)
+def _label_stats(info, label_field=None):
+    "`label_stats` of a `keys_info` dict, plus the number of distinct labels per source (a Series; None without sources)."
     field = _label_field(info, label_field)
     labels = np.asarray(info[field], np.int64)
     ok = labels >= 0
@@ -79,33 +72,35 @@ def label_stats(src, label_field=None):
                  images_per_label_mean=float(counts.mean()), images_per_label_max=int(counts.max()),
                  singletons=float((counts == 1).mean()))
     sources, kind = label_sources(info)
-    if sources is not None:
-        df = pd.DataFrame({"label": labels[ok], "source": sources[ok]})
-        per_src = _labels_per_source(labels, sources)
-        s.update(source_kind=kind, sources=len(per_src), labels_per_source_median=float(per_src.median()),
-                 labels_per_source_max=int(per_src.max()),
-                 sources_per_label_max=int(df.groupby("label").source.nunique().max()))
-        per["sources"] = df.groupby("label").source.nunique().reindex(ul).to_numpy()
+    if sources is None or not len(ul): return s, per, None  # no sources, or nothing labelled: no per-source numbers
+    df = pd.DataFrame({"label": labels[ok], "source": sources[ok]})  # one frame, grouped once each way
+    per_src, src_per_label = df.groupby("source").label.nunique(), df.groupby("label").source.nunique()
+    s.update(source_kind=kind, sources=len(per_src), labels_per_source_median=float(per_src.median()),
+             labels_per_source_max=int(per_src.max()), sources_per_label_max=int(src_per_label.max()))
+    per["sources"] = src_per_label.reindex(ul).to_numpy()
+    return s, per, per_src
+
+def label_stats(src, label_field=None):
+    """Label statistics from `keys.pkl` alone -> (summary dict, per-label DataFrame). Negative labels are
+    unlabelled and left out of the per-label numbers."""
+    s, per, _ = _label_stats(keys_info(src), label_field)
     return s, per
 
 # %% ../nbs/01_explore.ipynb #f151b726
 def plot_label_stats(src, label_field=None, axes=None):
     "Histograms of images per label and labels per source (from `keys.pkl` alone) -> figure."
-    info = keys_info(src)
-    s, per = label_stats(info, label_field)
-    sources, kind = label_sources(info)
+    s, per, per_src = _label_stats(keys_info(src), label_field)
     if axes is None: fig, axes = plt.subplots(1, 2, figsize=(9, 3))
     else: fig = axes[0].figure
     ax = axes[0]
-    big = per.images.max() > 200  # long-tailed real data: log-spaced bins
+    big = bool(per.images.max() > 200)  # long-tailed real data: log-spaced bins (a Python bool: seaborn reads np.True_ as base 1)
     sns.histplot(per.images, discrete=not big and per.images.max() <= 60, log_scale=(big, False), ax=ax, color="C0")
     ax.set(yscale="log", xlabel="images per label", ylabel="labels",
            title=f"{s['labels']} labels, {s['images']} images")
     ax = axes[1]
-    if sources is not None:
-        per_src = _labels_per_source(info[s["label_field"]], sources)
+    if per_src is not None:
         sns.histplot(per_src, discrete=per_src.max() <= 60, ax=ax, color="C1")
-        ax.set(xlabel=f"labels per source ({kind})", ylabel="sources", title=f"{len(per_src)} sources")
+        ax.set(xlabel=f"labels per source ({s['source_kind']})", ylabel="sources", title=f"{len(per_src)} sources")
     else: ax.set_axis_off()
     fig.tight_layout()
     return fig

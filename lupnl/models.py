@@ -654,21 +654,23 @@ def export_backbone(model):
 # %% ../nbs/02_models.ipynb #f742ebed
 from .runs import atomic_write   # lupnl.runs imports nothing of lupnl: no import cycle
 
-def export_safetensors(model, path):
-    "Write the query trunk of `model` (as `export_backbone`) to a `.safetensors` file, atomically (`lupnl.runs.atomic_write`); returns the path."
+def _write_safetensors(state, arch, path):
+    "Write the trunk state dict `state` to a `.safetensors` file with lupnl's metadata, atomically; returns the path."
     try: from safetensors.torch import save
     except ImportError as e: raise ImportError("export_safetensors needs safetensors: pip install safetensors") from e
     path = Path(path)
-    sd = {k: v.contiguous() for k, v in export_backbone(model).items()}
-    arch = getattr(_unwrap_model(model), "arch", "")
-    data = save(sd, metadata={"format": "pt", "arch": str(arch), "written_by": "lupnl"})
+    data = save({k: v.contiguous() for k, v in state.items()}, metadata={"format": "pt", "arch": str(arch), "written_by": "lupnl"})
     atomic_write(path, lambda f: f.write(data), "backbone")
     return path
+
+def export_safetensors(model, path):
+    "Write the query trunk of `model` (as `export_backbone`) to a `.safetensors` file, atomically (`lupnl.runs.atomic_write`); returns the path."
+    return _write_safetensors(export_backbone(model), getattr(_unwrap_model(model), "arch", ""), path)
 
 def save_backbone(model, out_dir):
     "`backbone.pth` and `backbone.safetensors` of `model`'s query trunk in `out_dir` (both atomic, fsynced); returns their paths."
     out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
-    pth, state = out_dir / "backbone.pth", export_backbone(model)
+    pth, state = out_dir / "backbone.pth", export_backbone(model)          # the trunk exported once, written twice
     atomic_write(pth, lambda f: torch.save(state, f), "backbone")
-    return pth, export_safetensors(model, out_dir / "backbone.safetensors")
+    return pth, _write_safetensors(state, getattr(_unwrap_model(model), "arch", ""), out_dir / "backbone.safetensors")
 

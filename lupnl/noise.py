@@ -70,7 +70,7 @@ def purity(labels, true):
     return float((_owner_of(labels[ok], ul, owner) == true[ok]).mean()) if ok.any() else float("nan")
 
 # %% ../nbs/01a_noise.ipynb #a06f6cf8
-def _scores(li, ul, pl, pt, cnt, true):
+def _scores(ul, pl, pt, cnt, true):
     "Owner-based and BCubed scores of one labelling from its sorted (label, identity) pairs."
     owners = _owners(len(ul), pl, pt, cnt)
     ok = true >= 0
@@ -106,8 +106,8 @@ def measure_noise(noisy, true, min_images=2):
     Also the counts `n_images`, `n_ids`, `n_labels` (all labels) and `n_wrong`."""
     noisy, true = _check_pair(noisy, true, ("noisy", "true"))
     true = true.astype(np.int64)
-    li, ul, pl, pt, cnt = _pairs(noisy, true)
-    s = _scores(li, ul, pl, pt, cnt, true)
+    _, ul, pl, pt, cnt = _pairs(noisy, true)
+    s = _scores(ul, pl, pt, cnt, true)
     owned = s["owners"][s["owners"] >= 0]
     n_owned = np.bincount(np.searchsorted(s["ids_u"], owned), minlength=len(s["ids_u"]))  # labels owned per identity
     whole = np.bincount(pl, weights=cnt >= min_images, minlength=len(ul))

@@ -6,7 +6,7 @@
 __all__ = ['TOY_VERSION', 'ToyData', 'make_toy_dataset', 'toy_dataset']
 
 # %% ../nbs/00a_toy.ipynb #f98102ae
-import io, json, os, shutil, time, uuid
+import io, json, os, shutil, socket, time, uuid
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from .data import DataError, write_lmdb, _int_or_none
 from .noise import simulate_noise, measure_noise
+from .runs import _alive
 
 # %% ../nbs/00a_toy.ipynb #bbc14463
 TOY_VERSION = 5  # 5: tracker-like default noise (ID switches; fewer whole-tracklet merges)
@@ -318,18 +319,26 @@ def _toy_ok(root, params):
     files = [t.lmdb / "data.mdb", t.lmdb / "keys.pkl"] + [t.bench / d for d in ("bounding_box_train", "bounding_box_test", "query")]
     return info.get("version") == TOY_VERSION and info.get("params") == params and all(f.exists() for f in files)
 
-def _alive(pid):
-    try: os.kill(pid, 0)
-    except ProcessLookupError: return False
-    except PermissionError: pass
-    return True
+_FOREIGN_STALE_S = 24 * 3600   # another host's temporary folder untouched this long is a leftover: no build takes a day
+
+def _tmp_dir(root):
+    "A new temporary folder beside `root` named for this host and process: `.<name>.tmp-<host>-<pid>-<random>`."
+    return root.parent / f".{root.name}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 def _remove_stale(root):
-    "Remove what a killed `toy_dataset` left beside `root`: `.<name>.tmp-<pid>-*` of dead processes, `.<name>.old-*`."
+    """Remove what a killed `toy_dataset` left beside `root`: `.<name>.old-*`, and the `_tmp_dir`s of this host whose
+    process is dead. `$LUPNL_DATA` may be shared between hosts, where a pid says nothing: another host's folder is
+    removed only once untouched for `_FOREIGN_STALE_S`. A name without a host (older lupnl) counts as this host's."""
     if not root.parent.is_dir(): return
+    here = socket.gethostname()
     for p in root.parent.glob(f".{root.name}.tmp-*"):
-        pid = _int_or_none(p.name[len(root.name) + 6:].split("-")[0])
-        if pid is None or not _alive(pid): shutil.rmtree(p, ignore_errors=True)
+        parts = p.name[len(root.name) + 6:].rsplit("-", 2)    # [host,] pid, random; the host may hold dashes
+        pid = _int_or_none(parts[-2]) if len(parts) > 1 else None
+        if len(parts) < 3 or parts[0] == here: stale = pid is None or not _alive(pid)
+        else:
+            try: stale = time.time() - p.stat().st_mtime > _FOREIGN_STALE_S
+            except OSError: continue   # removed meanwhile
+        if stale: shutil.rmtree(p, ignore_errors=True)
     for p in root.parent.glob(f".{root.name}.old-*"): shutil.rmtree(p, ignore_errors=True)
 
 # %% ../nbs/00a_toy.ipynb #adf3b295
@@ -340,7 +349,7 @@ def toy_dataset(root=None, progress=True, **kwargs):
     _remove_stale(root)
     if _toy_ok(root, params): return _toy_paths(root)
     root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = root.parent / f".{root.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = _tmp_dir(root)
     try:
         make_toy_dataset(tmp, progress=progress, **kwargs)
         for _ in range(10):

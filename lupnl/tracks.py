@@ -27,9 +27,9 @@ def read_mot(path):
     path = Path(path)
     if not path.is_file(): raise DataNotFoundError(f"MOT file not found: {path}")
     dtypes = dict(frame=int, id=int, x=float, y=float, w=float, h=float, conf=float, cls=int, vis=float)
-    if path.stat().st_size == 0 or not path.read_text().strip():
+    if not (data := path.read_bytes()).decode("utf-8").strip():  # read once: checked as UTF-8 text, parsed from memory
         return pd.DataFrame({c: pd.Series(dtype=t) for c, t in dtypes.items()})
-    try: raw = pd.read_csv(path, header=None, skipinitialspace=True)
+    try: raw = pd.read_csv(io.BytesIO(data), header=None, skipinitialspace=True)
     except Exception as e: raise DataError(f"{path}: not a MOTChallenge csv file ({type(e).__name__}: {e})") from None
     ncol = raw.shape[1]
     if ncol < 6 or not all(pd.api.types.is_numeric_dtype(raw[c]) for c in raw) or raw.iloc[:, :6].isna().any().any():

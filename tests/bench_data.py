@@ -22,8 +22,9 @@ the same in each worker), interleaved across repeats so they see the same machin
 is printed with the results. Nothing is written into the repository.
 """
 import os
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-os.environ.setdefault("MKL_NUM_THREADS", "1")
+if __name__ == "__main__":   # run as the benchmark (not imported by tests/test_data.py): one intra-op thread
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("MKL_NUM_THREADS", "1")
 import argparse, hashlib, io, json, platform, shutil, subprocess, sys, tempfile, time
 from pathlib import Path
 
@@ -67,12 +68,14 @@ def reference_libs(ref, deps=None):
     return rd, rt
 
 
-def v2_views(size):
-    "lupnl's views as torchvision v2 compositions (before the fast views)."
+def v2_views(size, pad=10, erase=0.0):
+    """lupnl's (weak, strong) views as torchvision v2 compositions (before the fast views): the weak one is the re-ID
+    view with padding `pad` and random erasing `erase` (none by default, as pre-training's). tests/test_data.py checks
+    that the fast views draw from the same distributions."""
     from torchvision.transforms import v2
     fin = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
-    weak = v2.Compose([v2.ToImage(), v2.Resize(size, antialias=True), v2.RandomHorizontalFlip(), v2.Pad(10),
-                       v2.RandomCrop(size), *fin, v2.ToPureTensor()])
+    weak = v2.Compose([v2.ToImage(), v2.Resize(size, antialias=True), v2.RandomHorizontalFlip(), v2.Pad(pad),
+                       v2.RandomCrop(size), *fin, *([v2.RandomErasing(p=erase, value=0)] if erase else []), v2.ToPureTensor()])
     k = 2 * int(0.05 * size[0]) + 1
     strong = v2.Compose([v2.ToImage(), v2.RandomResizedCrop(size, scale=(0.2, 1.0), antialias=True),
                          v2.RandomGrayscale(p=0.2), v2.RandomApply([v2.GaussianBlur(k, sigma=(0.1, 2.0))], p=0.5),

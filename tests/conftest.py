@@ -79,6 +79,32 @@ def tiny_config():
     return make
 
 
+# ---- finished tiny runs shared by every test file that needs one (test_pretrain, test_finetune, test_bad_input).
+# Session-scoped: each is trained once per pytest session. A test only reads them; one that changes its run (resume,
+# extra files) copies the out_dir to its tmp_path first (shutil.copytree, a few MB).
+
+@pytest.fixture(scope="session")
+def finished(tiny_lmdb, tiny_bench, tmp_path_factory, tiny_config):
+    "A finished 1-epoch pre-training run of `tiny_config` (its config; the run is in its out_dir). Read only: copy to change."
+    from lupnl.pretrain import train
+    out = tmp_path_factory.mktemp("finished") / "run"
+    cfg = tiny_config(tiny_lmdb, tiny_bench, out, 1)
+    train(cfg)
+    return cfg
+
+
+FT_TINY = dict(id_ratio=0.3, P=4, K=4, img_size=(64, 32), eval_every=0, workers=0, epochs=1)
+
+
+@pytest.fixture(scope="session")
+def ft_finished(tmp_path_factory):
+    "A finished 1-epoch BoT fine-tuning run (`FT_TINY`) on the built-in benchmark (its config). Read only: copy to change."
+    import lupnl.finetune as ft
+    cfg = ft.FinetuneConfig(**FT_TINY, out_dir=str(tmp_path_factory.mktemp("ft") / "bot"))
+    ft.train(cfg)
+    return cfg
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: a test of more than ~10 s (papermill, DDP, browser, real-data end to end); "
                                        "`pytest -m 'not slow' tests` is the quick tier, .ci/run runs everything")

@@ -16,14 +16,8 @@ torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="session")
-def finished(tiny_lmdb, tiny_bench, tmp_path_factory, tiny_config):
-    "A finished 1-epoch pre-training run (its out_dir and config), shared by the resume tests (each copies it)."
-    out = tmp_path_factory.mktemp("finished") / "run"
-    cfg = tiny_config(tiny_lmdb, tiny_bench, out, 1)
-    train(cfg)
-    return cfg
-
+# The finished runs `finished` (pre-training) and `ft_finished` (BoT fine-tuning) are session fixtures in conftest.py,
+# shared with test_pretrain.py and test_finetune.py: the resume tests copy them.
 
 def copy_run(cfg, dest):
     "A copy of `cfg`'s out_dir at `dest` (checkpoint and log) and the config pointing there."
@@ -247,15 +241,7 @@ def test_frozen_ddp_rank_fails_in_bounded_time(tmp_path, env, tiny_lmdb, tiny_be
 from lupnl import finetune as ft
 from lupnl.models import export_backbone, resnet_trunk
 
-FT_TINY = dict(id_ratio=0.3, P=4, K=4, img_size=(64, 32), eval_every=0, workers=0, epochs=1)
-
-
-@pytest.fixture(scope="module")
-def ft_finished(tmp_path_factory):
-    "A finished 1-epoch BoT fine-tuning run on the built-in benchmark."
-    cfg = ft.FinetuneConfig(**FT_TINY, out_dir=str(tmp_path_factory.mktemp("ft") / "bot"))
-    ft.train(cfg)
-    return cfg
+FT_TINY = dict(id_ratio=0.3, P=4, K=4, img_size=(64, 32), eval_every=0, workers=0, epochs=1)  # ft_finished's (conftest.py)
 
 
 @pytest.mark.parametrize("change", [dict(lr=2e-3), dict(K=2), dict(smoothing=0.0)])
@@ -293,16 +279,23 @@ def test_finetune_second_run_stops(ft_finished, tmp_path):
 
 
 @pytest.mark.parametrize("head", ["bot", "mgn"])
-def test_finetune_init_from_its_own_checkpoint(tmp_path, head):
+def test_finetune_init_from_its_own_checkpoint(ft_finished, tmp_path, head):
     "A fine-tuning checkpoint (BoT: backbone.*; MGN: stem + global branch) initialises a new fine-tuning run's trunk."
-    src = tmp_path / "src"
-    model, _ = ft.train(ft.FinetuneConfig(**FT_TINY, model=head, out_dir=str(src)))
+    if head == "bot":                                                   # the shared finished BoT run: read only
+        src = Path(ft_finished.out_dir)
+        assert ft_finished == ft.FinetuneConfig(**FT_TINY, out_dir=str(src))
+        conv1 = torch.load(src / "checkpoint.pth", weights_only=True)["model"]["backbone.conv1.weight"]
+    else:
+        src = tmp_path / "src"
+        model, _ = ft.train(ft.FinetuneConfig(**FT_TINY, model=head, out_dir=str(src)))
+        conv1 = model.stem[0].weight.cpu()
     for new_head in ("bot", "mgn"):
         m, report = ft.build_model(ft.FinetuneConfig(model=new_head, init=str(src / "checkpoint.pth")), 5)
         assert report.missing == [] and report.unexpected == [] and report.mismatched == []
         assert report.source == str(src / "checkpoint.pth")
-        conv1 = model.backbone.conv1.weight if head == "bot" else model.stem[0].weight
-        assert torch.equal((m.backbone.conv1 if new_head == "bot" else m.stem[0]).weight, conv1.cpu())
+        assert torch.equal((m.backbone.conv1 if new_head == "bot" else m.stem[0]).weight, conv1)
+        fresh, _ = ft.build_model(ft.FinetuneConfig(model=new_head), 5)  # without init: other weights, so the check can fail
+        assert not torch.equal((fresh.backbone.conv1 if new_head == "bot" else fresh.stem[0]).weight, conv1)
     if head == "mgn":
         assert torch.equal(m.branches[0][1][1].conv2.weight, model.branches[0][1][1].conv2.weight)
 

@@ -16,6 +16,7 @@ from lupnl.data import (DataError, DataNotFoundError, MissingKeyError, CorruptIm
                         DistributedPKSampler, DistributedShuffleSampler)
 from lupnl.noise import simulate_noise, measure_noise
 from lupnl.toy import make_toy_dataset, toy_dataset
+from bench_data import v2_views   # tests/bench_data.py (pytest puts tests/ on sys.path)
 
 SMALL = dict(n_ids=60, imgs_per_id=(8, 14), n_bench_ids=6, n_distractors=2, n_bench_junk=2)  # for noise rates
 TINY = dict(n_ids=16, imgs_per_id=(6, 10), n_bench_ids=10, n_distractors=3, n_bench_junk=2)
@@ -343,6 +344,30 @@ def test_toy_dataset_two_processes_at_once(tmp_path):
     assert len(LMDBDataset(tmp_path / "toy" / "lupnl_nl")) > 0 and [p.name for p in tmp_path.iterdir()] == ["toy"]
 
 
+def test_toy_stale_temp_folders_judged_by_host(tmp_path, monkeypatch):
+    "`$LUPNL_DATA` may be shared by hosts: pids judge only this host's folders; another host's goes only when a day old."
+    import functools, socket, time
+    import lupnl.runs, lupnl.toy as toy
+    assert toy._alive is lupnl.runs._alive                        # one liveness check, the shared one
+    root, here, dead = tmp_path / "toy", socket.gethostname(), 999999999   # above Linux's pid_max (<= 2**22): dead here
+    mine_dead, mine_live = tmp_path / f".toy.tmp-{here}-{dead}-deadbeef", tmp_path / f".toy.tmp-{here}-{os.getpid()}-cafecafe"
+    other = tmp_path / f".toy.tmp-gpu-node-7.example-{dead}-deadbeef"     # a dash in the host name; its pid means nothing here
+    other_old = tmp_path / f".toy.tmp-gpu-node-7.example-{dead}-0123abcd"
+    for p in (mine_dead, mine_live, other, other_old): (p / "lupnl_nl").mkdir(parents=True)
+    t = time.time() - toy._FOREIGN_STALE_S - 60
+    os.utime(other_old, (t, t))
+    toy._remove_stale(root)
+    assert not mine_dead.exists() and mine_live.exists() and other.exists() and not other_old.exists()
+    seen = []                                                     # toy_dataset builds in a folder named for this host + pid
+    @functools.wraps(toy.make_toy_dataset)
+    def spy(tmp, **kw):
+        seen.append(tmp.name)
+        raise RuntimeError("stop")
+    monkeypatch.setattr(toy, "make_toy_dataset", spy)
+    with pytest.raises(RuntimeError, match="stop"): toy_dataset(root, progress=False, **TINY)
+    assert seen[0].startswith(f".toy.tmp-{here}-{os.getpid()}-") and not (tmp_path / seen[0]).exists()
+
+
 def test_lmdb_recreated_at_same_path(tmp_path):
     a = _png(np.full((4, 4, 3), 1, np.uint8))
     write_lmdb(tmp_path / "db", [(a, 1)], progress=False)
@@ -389,25 +414,6 @@ def test_distributed_samplers_disjoint_equal_shares():
 
 # ---------------------------------------------------------------- fast training views: same distributions as torchvision v2
 
-def _v2_strong(size):
-    "The strong view as it was composed from torchvision v2 classes (25x25 blur kernel at 256x128)."
-    from torchvision.transforms import v2
-    from lupnl.data import IMAGENET_MEAN, IMAGENET_STD
-    k = 2 * int(0.05 * size[0]) + 1
-    return v2.Compose([v2.ToImage(), v2.RandomResizedCrop(size, scale=(0.2, 1.0), antialias=True),
-                       v2.RandomGrayscale(p=0.2), v2.RandomApply([v2.GaussianBlur(k, sigma=(0.1, 2.0))], p=0.5),
-                       v2.RandomHorizontalFlip(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-                       v2.RandomErasing(p=0.5, scale=(0.02, 0.6), value=0), v2.ToPureTensor()])
-
-
-def _v2_train(size, pad, erase):
-    from torchvision.transforms import v2
-    from lupnl.data import IMAGENET_MEAN, IMAGENET_STD
-    return v2.Compose([v2.ToImage(), v2.Resize(size, antialias=True), v2.RandomHorizontalFlip(), v2.Pad(pad),
-                       v2.RandomCrop(size), v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-                       v2.RandomErasing(p=erase, value=0), v2.ToPureTensor()])
-
-
 def _stats(tf, img, n, seed):
     "Per-sample summaries of `n` views: mean, std, left-right asymmetry, high-frequency energy, erased fraction."
     torch.manual_seed(seed)
@@ -418,6 +424,21 @@ def _stats(tf, img, n, seed):
     return dict(mean=x.mean((1, 2, 3)), std=x.std((1, 2, 3)), lr=lr, hf=hf, jump=jump, erased=(x == 0).all(1).float().mean((1, 2)))
 
 
+def test_blur_radius_rule_shared_by_both_paths(monkeypatch):
+    "The per-image blur and the deferred per-batch blur size their kernels with the one rule, `lupnl.data._blur_radius`."
+    import lupnl.data as D
+    view = pretrain_strong_transform((64, 32), defer=True)        # v2's radius cap at 64 rows: 3
+    x = torch.randint(0, 256, (2, 3, 64, 32), dtype=torch.uint8)
+    params = torch.tensor([[1.5, 0, 0, 0, 0], [0.9, 0, 0, 0, 0]])  # sigma; no erasing
+    want = [D._blur_batch(view._norm(x[n:n + 1]), params[n:n + 1, 0], 1)[0] for n in range(2)]   # radius 1
+    monkeypatch.setattr(D, "_blur_radius", lambda s, H, W, m=None: torch.ones_like(s, dtype=torch.long) if torch.is_tensor(s) else 1)
+    assert torch.equal(D.gaussian_blur(view._norm(x[0]), 1.5, view.max_radius), want[0])
+    assert all(torch.equal(a, b) for a, b in zip(view.finish(x, params), want))
+    monkeypatch.undo()                                            # the real rule (radius 3 here) gives other pixels
+    assert not torch.equal(D.gaussian_blur(view._norm(x[0]), 1.5, view.max_radius), want[0])
+    assert torch.equal(view.finish(x, params)[0], D.gaussian_blur(view._norm(x[0]), 1.5, view.max_radius))
+
+
 @pytest.mark.parametrize("which", ["strong", "train"])
 def test_fast_views_match_v2_distributions(which):
     from scipy.stats import ks_2samp
@@ -425,8 +446,9 @@ def test_fast_views_match_v2_distributions(which):
     base = rng.integers(0, 256, (8, 4, 3)).astype(np.uint8)   # a blocky image: blur, crops and flips all show
     img = Image.fromarray(base).resize((64, 128), Image.NEAREST)
     size = (128, 64)
-    fast, ref = ((pretrain_strong_transform(size), _v2_strong(size)) if which == "strong"
-                 else (reid_train_transform(size, pad=5, erase=0.5), _v2_train(size, 5, 0.5)))
+    weak, strong = v2_views(size, pad=5, erase=0.5)               # the v2 pipelines tests/bench_data.py times
+    fast, ref = ((pretrain_strong_transform(size), strong) if which == "strong"
+                 else (reid_train_transform(size, pad=5, erase=0.5), weak))
     a, b = _stats(fast, img, 1500, 0), _stats(ref, img, 1500, 1)
     for k in a:   # every summary is distributed alike (two-sample KS test; rounded: float rounding must not split ties)
         assert ks_2samp(a[k].numpy().round(3), b[k].numpy().round(3)).pvalue > 1e-3, k

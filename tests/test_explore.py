@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lupnl.data import LMDBDataset, load_keys, read_benchmark
-from lupnl.noise import compare_labelings, label_owners, noise_report, purity, simulate_noise
+from lupnl.data import DataError, DataNotFoundError, LMDBDataset, load_keys, read_benchmark
+from lupnl.noise import compare_labelings, label_owners, measure_noise, noise_report, purity, simulate_noise
 from lupnl.toy import toy_dataset
-from lupnl.explore import image_sizes, label_stats, plot_summary, sample_grid, benchmark_stats
+from lupnl.explore import image_sizes, label_stats, plot_label_stats, plot_summary, sample_grid, benchmark_stats
 from lupnl.tracks import crops_from_tracks, noisy_lmdb, plan_crops, read_frames, read_mot, tracks_to_lmdb
 
 RATES = ("split", "merge", "flip", "junk")
@@ -83,6 +83,31 @@ def test_owners_purity_and_compare_against_brute_force():
         own_a = _brute_owner(after.tolist(), true.tolist())
         assert c["purity_after"] == pytest.approx(np.mean([own_a.get(l) == t for l, t in zip(after[real], true[real])]))
     with pytest.raises(ValueError, match="one length"): compare_labelings([1, 2], [1, 2], [1])
+
+
+def test_measure_noise_against_brute_force():
+    "Purity, fixable, split and BCubed (`lupnl.noise._scores`) recomputed image by image."
+    rng = np.random.default_rng(1)
+    for sparse in (False, True):
+        true = rng.integers(-1, 25, 1500)
+        noisy = np.where(rng.random(1500) < 0.3, rng.integers(0, 40, 1500), true + 1) * (991 if sparse else 1)
+        m = measure_noise(noisy, true)
+        own = _brute_owner(noisy.tolist(), true.tolist())
+        real = true >= 0
+        ok = np.array([own.get(l) == t for l, t in zip(noisy, true)]) & real
+        wrong = real & ~ok
+        owners = set(own.values())
+        assert m["purity"] == pytest.approx(ok[real].mean())
+        assert m["n_wrong"] == wrong.sum()
+        assert m["fixable"] == pytest.approx(np.mean([t in owners for t in true[wrong]]))
+        per_id = Counter(own.values())
+        assert m["split"] == pytest.approx(np.mean([per_id[t] >= 2 for t in np.unique(true[real])]))
+        l, t = noisy[real], true[real]
+        same = [((l == a) & (t == b)).sum() for a, b in zip(l, t)]
+        p = np.mean([s / (l == a).sum() for s, a in zip(same, l)])
+        r = np.mean([s / (t == b).sum() for s, b in zip(same, t)])
+        assert (m["bcubed_precision"], m["bcubed_recall"]) == (pytest.approx(p), pytest.approx(r))
+        assert m["bcubed_f"] == pytest.approx(2 * p * r / (p + r))
 
 
 # --- simulator on the CUHK03 subset ------------------------------------------------------------------------
@@ -208,6 +233,44 @@ def test_read_mot_errors_name_the_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.txt"): read_mot(tmp_path / "missing.txt")
 
 
+def test_read_mot_formats_and_bad_input(tmp_path):
+    def mot(text, name="t.txt"):
+        p = tmp_path / name
+        p.write_bytes(text if isinstance(text, bytes) else text.encode())
+        return p
+    for empty in ("", " \n\n\t\n"):
+        df = read_mot(mot(empty))
+        assert len(df) == 0 and list(df.columns) == ["frame", "id", "x", "y", "w", "h", "conf", "cls", "vis"]
+        assert [str(d) for d in df.dtypes] == ["int64", "int64"] + ["float64"] * 5 + ["int64", "float64"]
+    gt = read_mot(mot("1,7,10.5,20,30,60,1,2,0.25\r\n2, 8, 1, 1, 5, 5, 0, 7, 1\r\n"))  # 9 columns: ground truth
+    assert gt.values.tolist() == [[1, 7, 10.5, 20, 30, 60, 1, 2, 0.25], [2, 8, 1, 1, 5, 5, 0, 7, 1]]
+    assert gt.frame.dtype == np.int64 and gt.cls.dtype == np.int64
+    det = read_mot(mot("\ufeff1,-1,10,20,30,60,0.8,-1,-1,-1\n"))  # 10 columns: detections; a UTF-8 BOM is skipped
+    assert det.values.tolist() == [[1, -1, 10, 20, 30, 60, 0.8, 1, 1.0]]
+    assert read_mot(mot("3,4,1,2,3,4\n"))[["conf", "cls", "vis"]].values.tolist() == [[1.0, 1, 1.0]]
+    for bad in ("1,2,3,4,,6\n", "1,2,a,b,c,d\n", "1\t2\t3\t4\t5\t6\n"):
+        with pytest.raises(DataError, match="bad.txt: expected >= 6 numeric"): read_mot(mot(bad, "bad.txt"))
+    with pytest.raises(DataError, match="ragged.txt: not a MOTChallenge csv file .*Expected 6 fields in line 2, saw 8"):
+        read_mot(mot("1,2,3,4,5,6\n1,2,3,4,5,6,7,8\n", "ragged.txt"))
+    with pytest.raises(UnicodeDecodeError): read_mot(mot(b"\xff\xfe\x00garbage\n"))
+    with pytest.raises(DataNotFoundError, match="MOT file not found"): read_mot(tmp_path)
+
+
+def test_read_mot_opens_the_file_once(tmp_path, monkeypatch):
+    import builtins, io
+    p = tmp_path / "gt.txt"
+    p.write_text("".join(f"{f},{i},1,2,3,4,1,1,1\n" for f in range(1, 50) for i in range(3)))
+    opened = []
+    for mod in (builtins, io):
+        real = getattr(mod, "open")
+        def counting(file, *a, _real=real, **k):
+            if str(file) == str(p): opened.append(file)
+            return _real(file, *a, **k)
+        monkeypatch.setattr(mod, "open", counting)
+    df = read_mot(p)
+    assert len(df) == 147 and len(opened) == 1
+
+
 # --- benchmarks --------------------------------------------------------------------------------------------
 
 def test_benchmark_stats_market_mini(shared_data):
@@ -255,3 +318,37 @@ def test_label_stats_need_only_keys_pkl(toy, tmp_path):
     keys = [f"{v:05d}_{p:06d}_{f:07d}_00" for v, p, f in [(1, 1, 5), (1, 2, 9), (2, 3, 1), (2, 3, 2), (2, 4, 8)]]
     s2, _ = label_stats({"keys": keys, "pids": [1, 2, 3, 3, 4]})
     assert (s2["source_kind"], s2["sources"], s2["labels_per_source_max"]) == ("key prefix", 2, 2)
+
+
+def test_label_stats_unlabelled_and_long_tailed(monkeypatch):
+    import matplotlib.pyplot as plt
+    import pandas as pd
+    import lupnl.explore as ex
+    # nothing labelled, but sources known: the image counts, no per-source numbers (it used to raise)
+    s, per = label_stats({"keys": ["v1_a", "v2_b"], "pids": [-1, -1]})
+    assert s == dict(images=2, unlabelled=2, labels=0, label_field="pids") and len(per) == 0
+    plt.close(plot_label_stats({"keys": ["v1_a", "v2_b"], "pids": [-1, -1]}))
+    # one table of (label, source), grouped once by source and once by label
+    rng = np.random.default_rng(0)
+    pids, vids = rng.integers(-1, 300, 6000), rng.integers(0, 40, 6000)
+    info = {"keys": [f"k{i}" for i in range(6000)], "pids": pids.tolist(), "videos": vids.tolist()}
+    groupbys, sources = [], []
+    real_gb, real_src = pd.DataFrame.groupby, ex.label_sources
+    monkeypatch.setattr(pd.DataFrame, "groupby", lambda self, by, *a, **k: groupbys.append(by) or real_gb(self, by, *a, **k))
+    s, per = label_stats(info)
+    assert sorted(groupbys) == ["label", "source"]
+    monkeypatch.setattr(pd.DataFrame, "groupby", real_gb)
+    ok = pids >= 0
+    by_src = {v: len(set(pids[ok & (vids == v)])) for v in np.unique(vids[ok])}
+    assert (s["sources"], s["labels_per_source_max"]) == (len(by_src), max(by_src.values()))
+    assert s["labels_per_source_median"] == np.median(list(by_src.values()))
+    assert per["sources"].tolist() == [len(set(vids[pids == p])) for p in per.index]
+    monkeypatch.setattr(ex, "label_sources", lambda i: sources.append(1) or real_src(i))
+    fig = plot_label_stats(info)                    # the sources are looked up once
+    assert len(sources) == 1 and fig.axes[1].get_title() == f"{len(by_src)} sources"
+    assert sum(b.get_height() for b in fig.axes[1].patches) == len(by_src)
+    plt.close(fig)
+    # labels with > 200 images: log-spaced bins (np.bool_ used to reach seaborn as log base 1 and raise)
+    fig = plot_label_stats({"keys": [f"k{i}" for i in range(3000)], "pids": (np.arange(3000) % 4).tolist()})
+    assert fig.axes[0].get_xscale() == "log" and fig.axes[0].get_title() == "4 labels, 3000 images"
+    plt.close(fig)

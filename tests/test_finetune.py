@@ -5,10 +5,11 @@ import ast
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 import pytest
@@ -229,9 +230,10 @@ def test_vit_refusals(tmp_path):
 # ---------------------------------------------------------------- resume
 
 @pytest.mark.slow
-def test_resume_continues_and_replays_exactly(tmp_path):
+def test_resume_continues_and_replays_exactly(tmp_path, ft_finished):
     a, b = tmp_path / "interrupted", tmp_path / "straight"
-    train(FinetuneConfig(**TINY, epochs=1, out_dir=str(a)))
+    shutil.copytree(ft_finished.out_dir, a)                             # the shared finished 1-epoch run, copied: resumed here
+    assert replace(ft_finished, out_dir=str(a)) == FinetuneConfig(**TINY, epochs=1, out_dir=str(a))
     ckpt = torch.load(a / "checkpoint.pth", weights_only=True)
     assert ckpt["epoch"] == 1
     model_a, rows_a = train(FinetuneConfig(**TINY, epochs=2, out_dir=str(a)))     # resume="auto": one more epoch

@@ -168,12 +168,12 @@ def test_notebook_switch_is_not_overwritten():
         assert ns["run_ablation"] is expected, (given, env_in_test)
 
 
-def test_backbone_safetensors(tmp_path, tiny_lmdb, tiny_bench, tiny_config):
+def test_backbone_safetensors(finished, tiny_lmdb, tiny_bench, tiny_config):
     "A run writes backbone.safetensors beside backbone.pth: the same tensors, torchvision names, readable by plain safetensors."
     from safetensors.torch import load_file
     from lupnl.models import load_pretrained, resnet_trunk
-    out = tmp_path / "run"
-    train(tiny_config(tiny_lmdb, tiny_bench, out, 1))
+    out = Path(finished.out_dir)                                         # the shared finished 1-epoch run: read only
+    assert finished == tiny_config(tiny_lmdb, tiny_bench, out, 1)
     st = load_file(out / "backbone.safetensors")
     res = torchvision.models.resnet18().load_state_dict(st, strict=False)
     assert set(res.missing_keys) == {"fc.weight", "fc.bias"} and not res.unexpected_keys
