@@ -27,14 +27,15 @@ if __name__ == "__main__": wait_policy()   # a script or a notebook: before torc
 PRESETS = ("pnl", "ce", "moco", "no_proto", "no_correction", "no_label_guided", "no_instance")   # = lupnl.models.ABLATIONS
 ARCH_CHOICES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152",      # = lupnl.models.ARCHS
                 "vit_small_patch16", "vit_base_patch16")                          # + VIT_ARCHS (timm, optional)
-VIEWS = ("weak,strong", "strong,strong")                                           # query view, key view
+VIEWS = ("weak,strong", "strong,strong", "weak,weak")   # query view, key view; weak,weak: an ablation, no reference recipe
 
 # %% ../nbs/03_pretrain.ipynb #3d7855a7
 @dataclass
 class PretrainMethod:
     "The method's half of `PretrainConfig`: the preset, its losses, label correction and queue. None: the preset's recipe (`resolve_config`)."
     preset: str = opt("pnl", "PNL, one of its ablations, or moco (LUPerson's MoCo v2 recipe)", ref="pnl", choices=PRESETS)
-    views: str = opt(None, "query,key views: weak,strong or strong,strong (none: the preset's: PNL weak,strong; MoCo v2 strong,strong)")
+    views: str = opt(None, "query,key views: weak,strong, strong,strong or weak,weak (an ablation; none: the preset's: PNL weak,strong; "
+                       "MoCo v2 strong,strong)")
     temperature: float = opt(None, "T of the contrastive and prototype logits (none: the preset's: PNL 0.07, MoCo v2 0.1)",
                              ref="0.07 (PNL), 0.1 (MoCo v2)", gt=0)
     queue_size: int = opt(1024, "keys in the MoCo queue", ref=65536, lo=1)
