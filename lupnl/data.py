@@ -649,6 +649,7 @@ def _blur_batch(x, sigma, r):
 def gaussian_blur(x, sigma, max_radius=None):
     """Separable Gaussian blur of a float `(..., H, W)` tensor with standard deviation `sigma` (pixels), reflect
     padding: torchvision's `gaussian_blur` with its kernel cut at radius ⌈4σ⌉ (or `max_radius`, if smaller)."""
+    if not x.is_floating_point(): raise TypeError(f"gaussian_blur needs a floating-point tensor, got {x.dtype}")
     (H, W), sigma = x.shape[-2:], float(sigma)
     r = _blur_radius(sigma, H, W, max_radius)
     if r < 1: return x

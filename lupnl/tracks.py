@@ -27,7 +27,10 @@ def read_mot(path):
     path = Path(path)
     if not path.is_file(): raise DataNotFoundError(f"MOT file not found: {path}")
     dtypes = dict(frame=int, id=int, x=float, y=float, w=float, h=float, conf=float, cls=int, vis=float)
-    if not (data := path.read_bytes()).decode("utf-8").strip():  # read once: checked as UTF-8 text, parsed from memory
+    data = path.read_bytes()                                     # read once: checked as UTF-8 text, parsed from memory
+    try: text = data.decode("utf-8-sig")                          # a byte-order mark alone is an empty file too
+    except UnicodeDecodeError as e: raise DataError(f"{path}: not UTF-8 text (byte {e.start}: {data[e.start:e.start + 1]!r})") from None
+    if not text.strip():
         return pd.DataFrame({c: pd.Series(dtype=t) for c, t in dtypes.items()})
     try: raw = pd.read_csv(io.BytesIO(data), header=None, skipinitialspace=True)
     except Exception as e: raise DataError(f"{path}: not a MOTChallenge csv file ({type(e).__name__}: {e})") from None

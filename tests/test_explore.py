@@ -252,7 +252,9 @@ def test_read_mot_formats_and_bad_input(tmp_path):
         with pytest.raises(DataError, match="bad.txt: expected >= 6 numeric"): read_mot(mot(bad, "bad.txt"))
     with pytest.raises(DataError, match="ragged.txt: not a MOTChallenge csv file .*Expected 6 fields in line 2, saw 8"):
         read_mot(mot("1,2,3,4,5,6\n1,2,3,4,5,6,7,8\n", "ragged.txt"))
-    with pytest.raises(UnicodeDecodeError): read_mot(mot(b"\xff\xfe\x00garbage\n"))
+    with pytest.raises(DataError, match=r"utf16.txt: not UTF-8 text \(byte 0"):   # e.g. UTF-16 from a Windows tool
+        read_mot(mot(b"\xff\xfe\x00garbage\n", "utf16.txt"))
+    assert read_mot(mot(b"\xef\xbb\xbf \n", "bom.txt")).empty                    # a byte-order mark alone: empty
     with pytest.raises(DataNotFoundError, match="MOT file not found"): read_mot(tmp_path)
 
 
