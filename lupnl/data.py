@@ -247,12 +247,15 @@ def _to_8bit(img):
     elif top <= 65535: top = 65535.0
     return Image.fromarray((np.clip(a, 0, top) * (255 / top) + 0.5).astype(np.uint8), "L")
 
+def _rgb(img):
+    "`img` as RGB, a grey image deeper than 8 bits through `_to_8bit` first: what the LMDB and folder readers both return."
+    return (_to_8bit(img) if img.mode.startswith("I") or img.mode == "F" else img).convert("RGB")
+
 def _decode(buf, draft=None):
     "Decode image bytes to an RGB PIL image (fully loaded); a JPEG may be decoded at a reduced scale >= `draft` (w, h)."
     img = Image.open(io.BytesIO(buf))
     if draft is not None and img.format == "JPEG": img.draft("RGB", draft)
-    if img.mode.startswith("I") or img.mode == "F": img = _to_8bit(img)
-    return img.convert("RGB")
+    return _rgb(img)
 
 def _jpeg_size(buf):
     "(width, height) from a JPEG's frame header, without decoding; None when `buf` is not a readable JPEG."
@@ -508,8 +511,7 @@ def read_benchmark(root, name=None):
 def _open_image(path):
     "`path` as an RGB image (deeper than 8 bits: scaled by `_to_8bit`, as in the LMDB), or a `DataNotFoundError` / `CorruptImageError`."
     try:
-        im = Image.open(path)
-        return (_to_8bit(im) if im.mode.startswith("I") or im.mode == "F" else im).convert("RGB")
+        return _rgb(Image.open(path))
     except FileNotFoundError: raise DataNotFoundError(f"image not found: {path}")
     except Exception as e: raise CorruptImageError(f"corrupt image {path}: {type(e).__name__}: {e}") from e
 

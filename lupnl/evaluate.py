@@ -609,7 +609,7 @@ def _run_model(kind, ckpt):
         model.load_state_dict(ckpt["model"])
         return model
     from lupnl.models import build_trunk, load_pretrained
-    trunk = build_trunk(cfg["arch"], **({"depth": cfg["trunk_depth"]} if cfg.get("trunk_depth") else {}))   # ResNet or ViT
+    trunk = build_trunk(cfg["arch"], depth=cfg.get("trunk_depth"))   # ResNet or ViT
     load_pretrained(trunk, ckpt["model"], verbose=False)        # strict: every trunk tensor, right shapes
     return trunk
 

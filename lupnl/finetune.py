@@ -206,7 +206,7 @@ def imagenet_weights(arch):
 # %% ../nbs/04_finetune.ipynb #e455d721
 def build_model(cfg, num_classes):
     "BoT or MGN (`cfg.model`) on a `cfg.arch` trunk (`cfg.trunk_depth` ViT blocks) initialised from `cfg.init`: `(model, LoadReport or None)`."
-    trunk, report = build_trunk(cfg.arch, **({} if cfg.trunk_depth is None else dict(depth=cfg.trunk_depth))), None
+    trunk, report = build_trunk(cfg.arch, depth=cfg.trunk_depth), None
     if cfg.init != "random":
         path = imagenet_weights(cfg.arch) if cfg.init == "imagenet" else Path(cfg.init)
         if not path.is_file(): raise FileNotFoundError(f"init={cfg.init!r}: checkpoint not found: {path}")

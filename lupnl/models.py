@@ -90,6 +90,7 @@ def vit_trunk(arch="vit_small_patch16", img_size=(256, 128), **kwargs):
 
 def build_trunk(arch="resnet50", zero_init_residual=False, **kwargs):
     "Trunk `arch` with `.arch`, `.feat_dim` and `forward(x) -> [N, feat_dim]` pooled feature: a ResNet or a ViT (`kwargs` go to timm)."
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}   # an option given as None: the arch's own
     if arch in VIT_ARCHS: return vit_trunk(arch, **kwargs)
     if kwargs: raise ValueError(f"{arch}: trunk options {sorted(kwargs)} are for ViT trunks only")
     return resnet_trunk(arch, zero_init_residual)
@@ -578,21 +579,17 @@ def _trunk_key(key):
 
 
 # %% ../nbs/02_models.ipynb #20ad4ef3
+from .runs import _is_onnx, _load_safetensors   # the checkpoint readers' own ONNX sniff and safetensors loader
+
 def _read_file(path):
     "The object stored in a checkpoint file: `.safetensors` via safetensors, else `torch.load(weights_only=True)`."
     path = Path(path)
     if not path.is_file(): raise FileNotFoundError(f"checkpoint not found: {path}")
-    if path.stat().st_size == 0: raise ValueError(f"{path} is empty (0 bytes, an empty file): its write or copy never finished")
-    with open(path, "rb") as f: head = f.read(8)
-    suffix = path.suffix.lower()           # a safetensors header length may start with byte 8 too: trust that suffix
-    onnx = suffix == ".onnx" or (suffix != ".safetensors" and head[:1] == b"\x08")  # ModelProto.ir_version
-    if onnx: raise ValueError(f"{path}: this is an ONNX model, not a lupnl checkpoint: evaluate it with "
-                              "`lupnl.evaluate.OnnxModel`; "
-                              "load_pretrained needs weights (checkpoint.pth, backbone.pth or backbone.safetensors)")
-    if path.suffix.lower() == ".safetensors":
-        try: from safetensors.torch import load_file
-        except ImportError as e: raise ImportError(f"{path}: reading .safetensors needs safetensors: pip install safetensors") from e
-        return load_file(str(path))
+    if (size := path.stat().st_size) == 0: raise ValueError(f"{path} is empty (0 bytes, an empty file): its write or copy never finished")
+    if _is_onnx(path): raise ValueError(f"{path}: this is an ONNX model, not a lupnl checkpoint: evaluate it with "
+                                        "`lupnl.evaluate.OnnxModel`; "
+                                        "load_pretrained needs weights (checkpoint.pth, backbone.pth or backbone.safetensors)")
+    if path.suffix.lower() == ".safetensors": return _load_safetensors(path, "cpu", size)
     try: return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise ValueError(f"{path}: cannot be read with torch.load(weights_only=True) ({e}); "

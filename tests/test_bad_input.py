@@ -241,7 +241,7 @@ def test_frozen_ddp_rank_fails_in_bounded_time(tmp_path, env, tiny_lmdb, tiny_be
 from lupnl import finetune as ft
 from lupnl.models import export_backbone, resnet_trunk
 
-FT_TINY = dict(id_ratio=0.3, P=4, K=4, img_size=(64, 32), eval_every=0, workers=0, epochs=1)  # ft_finished's (conftest.py)
+from conftest import FT_TINY   # ft_finished's settings
 
 
 @pytest.mark.parametrize("change", [dict(lr=2e-3), dict(K=2), dict(smoothing=0.0)])

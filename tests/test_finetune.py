@@ -21,13 +21,14 @@ import lupnl.finetune as ft
 from lupnl.finetune import (BoT, MGN, FinetuneConfig, batch_hard_triplet, build_loaders, build_model,
                             label_smoothed_ce, load_benchmark, parse_config, train)
 from lupnl.models import export_backbone, resnet_trunk
+from conftest import FT_TINY
 
 torch.set_num_threads(1)  # small tensors on a shared 2-core machine: one thread per process is the fastest
 
 REPO = Path(__file__).resolve().parents[1]
 NB = REPO / "nbs" / "04_finetune.ipynb"
 # tiny runs on the built-in benchmark: 15 identities, 64x32 crops, evaluation at the end only
-TINY = dict(id_ratio=0.3, P=4, K=4, img_size=(64, 32), eval_every=0, workers=0)
+TINY = {k: v for k, v in FT_TINY.items() if k != "epochs"}   # ft_finished's settings (conftest.py), any epochs
 
 
 # ---------------------------------------------------------------- heads
