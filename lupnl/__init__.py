@@ -10,8 +10,8 @@ __all__ = ['load_model']
 _all_ = ["load_model"]
 
 def __getattr__(name):
-    "`lupnl.load_model` is `lupnl.evaluate.load_model`, imported on first use (so `import lupnl` does not load torch)."
+    "`lupnl.load_model` is `lupnl.checkpoints.load_model`, imported on first use (so `import lupnl` does not load torch)."
     if name == "load_model":
-        from lupnl.evaluate import load_model
+        from lupnl.checkpoints import load_model
         return load_model
     raise AttributeError(f"module 'lupnl' has no attribute {name!r}")

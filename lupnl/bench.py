@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from fastcore.imports import IN_NOTEBOOK
 
-from .models import PNL, build_trunk
+from .models import build_trunk
+from .pnl import PNL
 
 # %% ../nbs/07_bench.ipynb #b66c1a20
 def _sync(device):

@@ -6,9 +6,9 @@
 __all__ = ['PRESETS', 'ARCH_CHOICES', 'VIEWS', 'RECIPES', 'config_parser', 'parse_config', 'LOSS_KEYS', 'PANELS', 'ABLATION',
            'TRACKER_NOISE', 'SUMMARY', 'PretrainMethod', 'PretrainConfig', 'resolve_config', 'LARS', 'build_optimizer',
            'label_scores', 'build_model', 'trunk_kwargs', 'weak_view', 'build_data', 'monitor_sample', 'monitor_row',
-           'start_run', 'check_resumable_recipe', 'resume', 'device_views', 'train_one_epoch', 'end_epoch',
-           'finish_run', 'train', 'main', 'torchrun_command', 'launch', 'ablation_configs', 'finished_rows',
-           'random_init_scores', 'train_ablation', 'summarize_ablation', 'plot_ablation']
+           'PretrainRun', 'start_run', 'check_resumable_recipe', 'resume', 'device_views', 'train_one_epoch',
+           'end_epoch', 'finish_run', 'train', 'main', 'torchrun_command', 'launch', 'ablation_configs',
+           'finished_rows', 'random_init_scores', 'train_ablation', 'summarize_ablation', 'plot_ablation']
 
 # %% ../nbs/03_pretrain.ipynb #2e591967
 import copy, inspect, math, os, shlex, subprocess, sys, time
@@ -17,14 +17,12 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from fastcore.imports import IN_NOTEBOOK
-from .runs import (opt, check_config, job_cli, config_args, learning_rate,
-                        set_lr, append_metrics, read_metrics, truncate_metrics, save_checkpoint, load_checkpoint, load_state,
-                        check_resumable, checkpoint_to_resume, lmdb_fingerprint, open_out_dir, resolve_device,
-                        setup_distributed, teardown_distributed, timeout_error, seed_everything, epoch_seed, format_row,
-                        skipped_images, plot_log, wait_policy, set_threads)
+from .runs import (opt, check_config, job_cli, config_args, learning_rate, set_lr, append_metrics, read_metrics,
+                        truncate_metrics, open_out_dir, resolve_device, setup_distributed, teardown_distributed, timeout_error,
+                        seed_everything, epoch_seed, format_row, skipped_images, plot_log, wait_policy, set_threads)
 if __name__ == "__main__": wait_policy()   # a script or a notebook: before torch is imported (see lupnl.runs)
 
-PRESETS = ("pnl", "ce", "moco", "no_proto", "no_correction", "no_label_guided", "no_instance")   # = lupnl.models.ABLATIONS
+PRESETS = ("pnl", "ce", "moco", "no_proto", "no_correction", "no_label_guided", "no_instance")   # = lupnl.pnl.ABLATIONS
 ARCH_CHOICES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152",      # = lupnl.models.ARCHS
                 "vit_small_patch16", "vit_base_patch16")                          # + VIT_ARCHS (timm, optional)
 VIEWS = ("weak,strong", "strong,strong", "weak,weak")   # query view, key view; weak,weak: an ablation, no reference recipe
@@ -124,11 +122,17 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from torch.utils.data import DataLoader
+
 from .toy import toy_dataset, make_toy_dataset
-from .data import (LMDBDataset, TwoViewTransform, reid_train_transform, reid_test_transform,
-                        pretrain_strong_transform, DistributedShuffleSampler)
+from .data import LMDBDataset
+from .transforms import TwoViewTransform, reid_train_transform, reid_test_transform, pretrain_strong_transform
+from .samplers import DistributedShuffleSampler
 from .noise import correction_scores
-from .models import PNL, ABLATIONS, ARCHS, VIT_ARCHS, save_backbone, monitor_summary, collapse_warnings
+from .models import ARCHS, VIT_ARCHS
+from .pnl import PNL, ABLATIONS, monitor_summary, collapse_warnings
+from .checkpoints import (save_checkpoint, load_checkpoint, check_resumable, lmdb_fingerprint, resume_run,
+                               save_backbone)
 from .evaluate import evaluate
 
 # %% ../nbs/03_pretrain.ipynb #2bfdf803
@@ -217,16 +221,45 @@ def monitor_sample(dataset, n, size, seed=0):
     return torch.stack([ds[int(i)][0] for i in idx]), torch.as_tensor(idx)
 
 def monitor_row(run):
-    "Rank 0: the collapse / correction monitors of the fixed sample `run.mon` (`lupnl.models.monitor_summary`) and their time."
+    "Rank 0: the collapse / correction monitors of the fixed sample `run.mon` (`lupnl.pnl.monitor_summary`) and their time."
     if run.mon is None: return {}
     t0, (images, index) = time.time(), run.mon
     mon = run.model.monitor(images.to(run.device))
     return dict(monitor_summary(mon, run.labels[index.to(run.device)], run.model.threshold), monitor_time=time.time() - t0)
 
 
+# %% ../nbs/03_pretrain.ipynb #2d968b2f
+@dataclass
+class PretrainRun:
+    "A pre-training run's state, built by `start_run` and read by every step after it."
+    cfg: PretrainConfig                 # the config resolved: the preset's recipe where the asked one left None
+    asked: PretrainConfig               # the config as given (its None fields follow `epochs`)
+    rank: int                           # this process, of `world_size` (1 without DDP)
+    world_size: int
+    device: torch.device
+    cuda: bool
+    amp: bool                           # mixed precision: asked for, and on CUDA
+    out_dir: Path
+    dataset: LMDBDataset                # the noisily labelled crops, two views each
+    sampler: DistributedShuffleSampler  # seeded shuffle, one shard per rank
+    loader: DataLoader
+    bench: object                       # the retrieval benchmark (a folder, or the built-in one's)
+    model: PNL
+    net: torch.nn.Module                # `model`, or its DDP wrapper
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    noisy: torch.Tensor                 # the tracker's labels, what the model is fed
+    labels: torch.Tensor                # the current labels (the model's latest verdict), on the device
+    true: object                        # the true identities where known (built-in data), else None
+    fingerprint: dict                   # of the data, checked on resume
+    skipped: int                        # corrupt crops skipped so far
+    defer: bool                         # per-pixel augmentation finished per batch, on the device
+    mon: object                         # the fixed monitor sample `(images, indices)` (rank 0), or None
+    start_epoch: int = 0                # the first epoch still to train (after a resume)
+
 # %% ../nbs/03_pretrain.ipynb #8b385bc4
 def start_run(cfg, rank=0, world_size=1, device=torch.device("cpu")):
-    "Data, model, optimizer and AMP scaler of `cfg`, resumed where there is a checkpoint: the namespace the epoch functions read."
+    "Data, model, optimizer and AMP scaler of `cfg`, resumed where there is a checkpoint: the `PretrainRun` the epoch functions read."
     asked, cfg, cuda = cfg, resolve_config(cfg), device.type == "cuda"  # the preset's recipe where cfg leaves it None
     if world_size == 1: set_threads(cfg.workers)                    # torchrun sets OMP_NUM_THREADS itself
     if cfg.batch_size % world_size: raise ValueError(f"batch_size {cfg.batch_size} is not divisible by {world_size} processes")
@@ -234,24 +267,21 @@ def start_run(cfg, rank=0, world_size=1, device=torch.device("cpu")):
     dataset, sampler, loader, bench = build_data(cfg, rank, world_size, cuda)
     model = build_model(cfg, dataset.num_classes).to(device)
     if cuda: model, torch.backends.cudnn.benchmark = model.to(memory_format=torch.channels_last), True
-    run = SimpleNamespace(cfg=cfg, asked=asked, rank=rank, world_size=world_size, device=device, cuda=cuda, amp=cfg.amp and cuda,
-                          out_dir=Path(cfg.out_dir), dataset=dataset, sampler=sampler, loader=loader, bench=bench,
-                          model=model, optimizer=build_optimizer(cfg, model), start_epoch=0,
-                          noisy=torch.as_tensor(dataset.targets),            # the tracker's labels: what the model is fed
-                          true=dataset.meta.get("true_pids"),               # true identities, where known (built-in data)
-                          fingerprint=lmdb_fingerprint(dataset), skipped=skipped_images(dataset))
-    run.defer = getattr(dataset.transform.weak, "defer", False)             # per-pixel steps per batch, on the device
-    run.labels = run.noisy.clone().to(device)                                # current labels: the model's latest verdict
-    run.mon = monitor_sample(dataset, cfg.monitor_size, cfg.img_size, cfg.seed) if rank == 0 and cfg.monitor_size else None
-    run.scaler = torch.amp.GradScaler(device.type, enabled=run.amp)
+    noisy = torch.as_tensor(dataset.targets)
+    run = PretrainRun(cfg=cfg, asked=asked, rank=rank, world_size=world_size, device=device, cuda=cuda, amp=cfg.amp and cuda,
+                      out_dir=Path(cfg.out_dir), dataset=dataset, sampler=sampler, loader=loader, bench=bench, model=model,
+                      net=model, optimizer=build_optimizer(cfg, model), scaler=torch.amp.GradScaler(device.type, enabled=cfg.amp and cuda),
+                      noisy=noisy, labels=noisy.clone().to(device), true=dataset.meta.get("true_pids"),
+                      fingerprint=lmdb_fingerprint(dataset), skipped=skipped_images(dataset),
+                      defer=getattr(dataset.transform.weak, "defer", False),
+                      mon=monitor_sample(dataset, cfg.monitor_size, cfg.img_size, cfg.seed) if rank == 0 and cfg.monitor_size else None)
     resume(run)
     # the prototype head has no loss in epoch 0 (prototype loss from epoch 1) unless the instance loss shares it: DDP must
     # then allow unused parameters
     unused = model.has_prototypes and (getattr(model.encoder_q, "proj_inst", None) is not None or not model.use_instance)
-    run.net = (torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if cuda else None, broadcast_buffers=False,
-                                                         find_unused_parameters=unused) if world_size > 1 else model)
+    if world_size > 1: run.net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if cuda else None,
+                                                                         broadcast_buffers=False, find_unused_parameters=unused)
     return run
-
 
 # %% ../nbs/03_pretrain.ipynb #4a1f2e23
 def check_resumable_recipe(ckpt, run, path):
@@ -266,17 +296,11 @@ def check_resumable_recipe(ckpt, run, path):
 
 def resume(run):
     "Continue `run` from the checkpoint `cfg.resume` asks for, if it belongs to this run (else an error naming the differences)."
-    path = checkpoint_to_resume(run.cfg)
-    if path is not None:
-        ckpt = load_checkpoint(path, map_location=run.device)
-        if "labels" not in ckpt: raise ValueError(f"{path} is not a pre-training checkpoint (no 'labels'); use resume='never' or another out_dir")
-        check_resumable_recipe(ckpt, run, path)
-        load_state(run.model, ckpt["model"], path, ckpt.get("config"))
-        run.optimizer.load_state_dict(ckpt["optimizer"])
-        if ckpt["scaler"]: run.scaler.load_state_dict(ckpt["scaler"])   # empty when saved without AMP (e.g. on CPU)
-        run.labels.copy_(ckpt["labels"])
-        run.start_epoch = ckpt["epoch"]
-        if run.rank == 0: print(f"resumed from {path} at epoch {run.start_epoch}", flush=True)
+    found = resume_run(run, lambda ck: "labels" in ck, "is not a pre-training checkpoint (no 'labels'); use resume='never' or another out_dir",
+                       check=lambda ck, path: check_resumable_recipe(ck, run, path))
+    if found:
+        run.labels.copy_(found[1]["labels"])
+        if run.rank == 0: print(f"resumed from {found[0]} at epoch {run.start_epoch}", flush=True)
     if run.rank == 0: truncate_metrics(run.out_dir, run.start_epoch)
 
 # %% ../nbs/03_pretrain.ipynb #a7636a3e

@@ -17,10 +17,11 @@ from matplotlib.figure import Figure
 from matplotlib import colormaps
 import torch
 from torch.utils.data import DataLoader, Dataset
-from .data import LMDBDataset, ImageDataset, read_benchmark, reid_test_transform
+from .data import LMDBDataset, ImageDataset, read_benchmark
+from .transforms import reid_test_transform
 from .toy import toy_dataset
-from .evaluate import extract_features, compute_distance, evaluate_rank, load_model, default_benchmark, DEFAULT_SIZE
-from .runs import load_checkpoint, lmdb_fingerprint
+from .evaluate import extract_features, compute_distance, evaluate_rank, default_benchmark
+from .checkpoints import load_checkpoint, lmdb_fingerprint, load_model, DEFAULT_SIZE
 from fastcore.basics import patch
 
 # %% ../nbs/06_widgets.ipynb #320b69bf

@@ -33,8 +33,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from lupnl.toy import toy_dataset
-from lupnl.data import (LMDBDataset, TwoViewTransform, reid_train_transform, pretrain_strong_transform,
-                        IMAGENET_MEAN, IMAGENET_STD, _decode, _decode_tensor)
+from lupnl.data import LMDBDataset, _decode, _decode_tensor
+from lupnl.transforms import TwoViewTransform, reid_train_transform, pretrain_strong_transform, IMAGENET_MEAN, IMAGENET_STD
 
 SIZE = (256, 128)
 FINISH = {}  # pipeline name -> the per-batch step it needs after the DataLoader

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from lupnl.models import update_prototypes_, update_prototypes_loop_
+from lupnl.pnl import update_prototypes_, update_prototypes_loop_
 
 REPO = Path(__file__).resolve().parents[1]
 

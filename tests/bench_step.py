@@ -39,7 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-from lupnl.models import PNL
+from lupnl.pnl import PNL
 
 REPO = Path(__file__).resolve().parents[1]
 REF_DEFAULT = "/work/.mirror/DengpanFu+LUPerson-NL/repo"
@@ -93,7 +93,7 @@ def make_variants(arch, classes, queue, batch, ref_classes):
     bottleneck, classifier = ours.encoder_q.bottleneck, ours.encoder_q.classifier
     sched = dict(proto=True, correct=True, label_guided=True)
     sys.path.insert(0, str(REPO / "tests"))
-    from test_models import _forward_v0
+    from reference_pnl import _forward_v0
 
     def floor(with_cls=False):
         feat = trunk_q(im_q)

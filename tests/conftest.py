@@ -155,3 +155,11 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if bad:
         terminalreporter.section("skipped under CI (a failure: list it in tests/conftest.py EXPECTED_SKIPS if expected)", red=True)
         for nodeid, reason in bad.items(): terminalreporter.line(f"{nodeid}: {reason}", red=True)
+
+
+# runs `python -m MODULE --help` in this process, then says whether torch got imported (it must not be, for --help)
+HELP_WITHOUT_TORCH = """import runpy, sys
+mod = sys.argv[1]; sys.argv = [mod, "--help"]
+try: runpy.run_module(mod, run_name="__main__")
+except SystemExit: pass
+print("torch imported:", "torch" in sys.modules)"""

@@ -10,7 +10,9 @@ import torch
 
 import lupnl.runs as runs
 from lupnl.data import LMDBDataset, write_lmdb
-from lupnl.pretrain import PretrainConfig, config_args, load_checkpoint, read_metrics, torchrun_command, train
+from lupnl.pretrain import PretrainConfig, torchrun_command, train
+from lupnl.runs import config_args, read_metrics
+from lupnl.checkpoints import load_checkpoint
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
@@ -239,7 +241,8 @@ def test_frozen_ddp_rank_fails_in_bounded_time(tmp_path, env, tiny_lmdb, tiny_be
 # ---------------------------------------------------------------- fine-tuning: resume, lock, init (1, 2, 7, 8)
 
 from lupnl import finetune as ft
-from lupnl.models import export_backbone, resnet_trunk
+from lupnl.checkpoints import export_backbone
+from lupnl.models import resnet_trunk
 
 from conftest import FT_TINY   # ft_finished's settings
 
@@ -314,7 +317,7 @@ def test_finetune_init_bad_files(tmp_path, shared_data):
     onnx = shared_data / "weights" / "osnet_x0_25_msmt17.onnx"
     (tmp_path / "model.pth").write_bytes(onnx.read_bytes()[:4096])      # an ONNX model under a .pth name
     for path in (onnx, tmp_path / "model.pth"):
-        with pytest.raises(ValueError, match="is an ONNX model, not a lupnl checkpoint: evaluate it with `lupnl.evaluate.OnnxModel`"):
+        with pytest.raises(ValueError, match="is an ONNX model, not a lupnl checkpoint: evaluate it with `lupnl.checkpoints.OnnxModel`"):
             ft.build_model(ft.FinetuneConfig(init=str(path)), 3)
     torch.save(export_backbone(resnet_trunk("resnet50")), tmp_path / "r50.pth")
     with pytest.raises(ValueError, match=f"{tmp_path / 'r50.pth'}: checkpoint does not fit the resnet18 trunk"):

@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from lupnl.data import DataError, LMDBDataset, load_keys, write_lmdb, reid_test_transform
+from lupnl.data import DataError, LMDBDataset, load_keys, write_lmdb
+from lupnl.transforms import reid_test_transform
 from lupnl.toy import toy_dataset
 
 TINY = dict(n_ids=16, imgs_per_id=(6, 10), n_bench_ids=10, n_distractors=3, n_bench_junk=2)

@@ -105,8 +105,9 @@ def test_backbone_of_a_pretraining_run(tmp_path):
     "`backbone.pth` beside its run's `checkpoint.pth` is evaluated at the run's crop size, as the run's own evaluation is."
     import torch
     from dataclasses import asdict
-    from lupnl.models import export_backbone
-    from lupnl.pretrain import PretrainConfig, build_model, save_checkpoint
+    from lupnl.checkpoints import export_backbone
+    from lupnl.pretrain import PretrainConfig, build_model
+    from lupnl.checkpoints import save_checkpoint
     from lupnl.evaluate import evaluate
     torch.manual_seed(0)
     cfg = PretrainConfig(img_size=(48, 24))

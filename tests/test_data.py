@@ -9,11 +9,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from lupnl.data import (DataError, DataNotFoundError, MissingKeyError, CorruptImageError, UnsafePickleError, Item,
-                        load_keys, write_lmdb, write_lmdb_from_folder, LMDBDataset, TwoViewTransform, read_benchmark,
-                        read_market1501, read_dukemtmc, read_cuhk03_np, ImageDataset, subset_identities, subset_shots,
-                        reid_test_transform, reid_train_transform, pretrain_strong_transform, PKSampler,
-                        DistributedPKSampler, DistributedShuffleSampler)
+from lupnl.data import DataError, DataNotFoundError, MissingKeyError, CorruptImageError, UnsafePickleError, Item, load_keys, write_lmdb, write_lmdb_from_folder, LMDBDataset, read_benchmark, read_market1501, read_dukemtmc, read_cuhk03_np, ImageDataset, subset_identities, subset_shots
+from lupnl.transforms import TwoViewTransform, reid_test_transform, reid_train_transform, pretrain_strong_transform
+from lupnl.samplers import PKSampler, DistributedPKSampler, DistributedShuffleSampler
 from lupnl.noise import simulate_noise, measure_noise
 from lupnl.toy import make_toy_dataset, toy_dataset
 from bench_data import v2_views   # tests/bench_data.py (pytest puts tests/ on sys.path)
@@ -425,8 +423,8 @@ def _stats(tf, img, n, seed):
 
 
 def test_blur_radius_rule_shared_by_both_paths(monkeypatch):
-    "The per-image blur and the deferred per-batch blur size their kernels with the one rule, `lupnl.data._blur_radius`."
-    import lupnl.data as D
+    "The per-image blur and the deferred per-batch blur size their kernels with the one rule, `lupnl.transforms._blur_radius`."
+    import lupnl.transforms as D
     view = pretrain_strong_transform((64, 32), defer=True)        # v2's radius cap at 64 rows: 3
     x = torch.randint(0, 256, (2, 3, 64, 32), dtype=torch.uint8)
     params = torch.tensor([[1.5, 0, 0, 0, 0], [0.9, 0, 0, 0, 0]])  # sigma; no erasing

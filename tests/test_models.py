@@ -14,8 +14,9 @@ import torch.nn.functional as F
 import torchvision
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from lupnl.models import (PNL, Encoder, batch_shuffle_ddp, batch_unshuffle_ddp, concat_all_gather, export_backbone,
-                          load_pretrained, update_prototypes_, update_prototypes_loop_)
+from lupnl.pnl import PNL, batch_shuffle_ddp, batch_unshuffle_ddp, concat_all_gather, update_prototypes_, update_prototypes_loop_
+from lupnl.models import Encoder
+from lupnl.checkpoints import export_backbone, load_pretrained
 
 torch.set_num_threads(1)  # tiny tensors on a shared 2-core machine
 
@@ -256,53 +257,7 @@ def test_export_backbone_round_trip_into_torchvision_resnet50():
 
 # ---------------------------------------------------------------- the step: same results as before the fused head
 
-def _instance_loss_v0(q, k, queue, T, queue_labels=None, targets=None):
-    """Oracle of `instance_loss` as it was before 1/T was folded into q (lupnl a3fc464), written independently: logits / T,
-    log-probabilities by logsumexp, one positive mask for both the plain (own key only) and the label-guided loss."""
-    logits = torch.cat([(q * k).sum(dim=1, keepdim=True), q @ queue.t()], dim=1).float() / T
-    logp = logits - torch.logsumexp(logits, dim=1, keepdim=True)
-    pos = torch.zeros_like(logp, dtype=torch.bool)
-    pos[:, 0] = True
-    if queue_labels is not None: pos[:, 1:] = queue_labels[None] == targets[:, None]
-    loss = (-(logp * pos).sum(dim=1) / pos.sum(dim=1)).mean()
-    return loss, 100 * pos.gather(1, logits.argmax(dim=1, keepdim=True)).squeeze(1).float().mean()
-
-
-def _forward_v0(self, im_q, im_k=None, labels=None, index=None, proto=True, correct=False, label_guided=False):
-    "Frozen copy of `PNL.forward` before the fused head (lupnl a3fc464): clones of the tables, two softmaxes, logits / T."
-    from lupnl.models import correct_labels, enqueue_, momentum_update_
-    out = self.encoder_q(im_q)
-    q, zero = out.emb, out.feat.new_zeros((), dtype=torch.float32)
-    if self.use_instance:
-        with torch.no_grad():
-            momentum_update_(self.encoder_k, self.encoder_q, self.m)
-            k = self._keys(im_k)
-    do_proto, do_correct = self.use_proto and proto, self.use_correction and correct
-    proto_logits = q @ self.prototypes.clone().t() / self.T if (do_proto or do_correct) else None
-    targets, corrected = labels, None
-    if labels is not None:
-        corrected = torch.zeros_like(labels, dtype=torch.bool)
-        if do_correct: targets, corrected = correct_labels(out.logits.detach(), proto_logits.detach(), labels,
-                                                           self.alpha, self.threshold)
-    loss_cls = F.cross_entropy(out.logits.float(), targets) if self.use_cls else zero
-    loss_proto = F.cross_entropy(proto_logits.float(), targets) if do_proto else zero
-    loss_inst, acc_inst = zero, zero
-    if self.use_instance:
-        guided = self.use_label_guided and label_guided
-        loss_inst, acc_inst = _instance_loss_v0(q, k, self.queue.clone(), self.T,
-                                                self.queue_labels.clone() if guided else None, targets if guided else None)
-    loss = self.w_cls * loss_cls + self.w_proto * loss_proto + self.w_inst * loss_inst
-    with torch.no_grad():
-        acc_cls = 100 * (out.logits.argmax(1) == targets).float().mean() if self.use_cls else zero
-        all_targets = concat_all_gather(targets) if labels is not None else None
-        if self.use_instance:
-            k_all = concat_all_gather(k)
-            enqueue_(self.queue, self.queue_labels, self.queue_ptr, k_all,
-                     all_targets if all_targets is not None else torch.full((len(k_all),), -1, device=k_all.device))
-        if self.has_prototypes:
-            update_prototypes_(self.prototypes, concat_all_gather(q.detach()), all_targets, self.proto_m)
-    return dict(loss=loss, loss_cls=loss_cls.detach(), loss_proto=loss_proto.detach(), loss_inst=loss_inst.detach(),
-                acc_inst=acc_inst, acc_cls=acc_cls, targets=targets, corrected=corrected)
+from reference_pnl import _forward_v0   # tests/reference_pnl.py: the frozen previous step (pytest puts tests/ on sys.path)
 
 
 def _compare_steps(model, steps, schedule, seed=0):
@@ -382,7 +337,7 @@ def test_tables_are_not_copied_and_backward_sees_the_step_table():
 
 def test_backbone_safetensors_loads_into_torchvision_and_load_pretrained(tmp_path):
     from safetensors.torch import load_file
-    from lupnl.models import save_backbone
+    from lupnl.checkpoints import save_backbone
     src = PNL("resnet18", num_classes=5, dim=16, queue_size=32, cls_dim=32)
     with torch.no_grad():
         for p in src.encoder_q.trunk.parameters(): p.add_(torch.randn_like(p))
@@ -404,7 +359,7 @@ def test_backbone_safetensors_loads_into_torchvision_and_load_pretrained(tmp_pat
 def test_finetuning_checkpoints_are_inits(tmp_path):
     "BoT stores the trunk under `backbone.`, MGN splits it into a stem and a global branch (+ 2 branch copies, ignored)."
     from lupnl.models import resnet_trunk
-    from lupnl.finetune import BoT, MGN
+    from lupnl.heads import BoT, MGN
     for cls in (BoT, MGN):
         torch.manual_seed(0)
         trunk = resnet_trunk("resnet18")
@@ -436,7 +391,7 @@ def test_empty_and_onnx_files_give_clear_errors(tmp_path):
         (tmp_path / "model.onnx").write_bytes(b"\x08\x07\x12\x07pytorch\x1a\x032.0:\x00")
     (tmp_path / "model.bin").write_bytes((tmp_path / "model.onnx").read_bytes())   # renamed: found by content
     for name in ("model.onnx", "model.bin"):
-        with pytest.raises(ValueError, match="this is an ONNX model, not a lupnl checkpoint: evaluate it with `lupnl.evaluate.OnnxModel`"):
+        with pytest.raises(ValueError, match="this is an ONNX model, not a lupnl checkpoint: evaluate it with `lupnl.checkpoints.OnnxModel`"):
             load_pretrained(Encoder("resnet18"), tmp_path / name)
 
 
@@ -446,7 +401,8 @@ def test_vit_pnl_step_export_and_reload(tmp_path):
     pytest.importorskip("timm")                                            # a dev requirement: installed in CI
     import timm
     from safetensors.torch import load_file
-    from lupnl.models import build_trunk, save_backbone
+    from lupnl.models import build_trunk
+    from lupnl.checkpoints import save_backbone
     torch.manual_seed(0)
     tk = dict(depth=1)                                                     # test-only: one block
     m = PNL("vit_small_patch16", num_classes=6, dim=16, queue_size=16, cls_dim=32, proj_hidden=32, trunk_kwargs=tk)
@@ -621,7 +577,7 @@ def test_no_instance_ablation_builds_no_key_encoder_and_trains():
 
 def test_collapse_warnings_thresholds():
     import math
-    from lupnl.models import collapse_warnings
+    from lupnl.pnl import collapse_warnings
     ln = math.log(1025)
     assert len(collapse_warnings(dict(loss_inst=ln * 1.019, emb_eff_rank=20.0), 1024)) == 1     # 1.9% above: dead
     assert collapse_warnings(dict(loss_inst=ln * 0.975, emb_eff_rank=20.0), 1024) == []         # 2.5% below: alive
