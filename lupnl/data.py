@@ -194,14 +194,21 @@ def _int_or_none(s):
     try: return int(s)
     except ValueError: return None
 
+def _is_img(p): return p.suffix.lower() in IMG_EXTS and not p.is_dir()
+
 def write_lmdb_from_folder(folder, out_dir, map_size=None, label_field="pids", progress=True):
     "Write a folder of crops (`<label>/<img>.jpg` subfolders, or flat `<label>_*.jpg`) as a LUPerson-NL LMDB in `out_dir`."
     folder = _require(folder, "image folder")
-    subdirs = sorted(d for d in folder.iterdir() if d.is_dir())
+    top, out = _inside([p for p in sorted(folder.iterdir()) if p.is_dir() or _is_img(p)], folder)
+    subdirs = [d for d in top if d.is_dir()]
     if subdirs:
-        files = [(f, d.name) for d in subdirs for f in sorted(d.iterdir()) if f.suffix.lower() in IMG_EXTS]
+        files, loose = [], sum(map(_is_img, top))   # images beside the label subfolders are not read
+        for d in subdirs:
+            fs, n = _inside([f for f in sorted(d.iterdir()) if _is_img(f)], folder)
+            files, out = files + [(f, d.name) for f in fs], out + n
     else:
-        files = [(f, f.name.split("_")[0]) for f in sorted(folder.iterdir()) if f.suffix.lower() in IMG_EXTS]
+        files, loose = [(f, f.name.split("_")[0]) for f in top], 0
+    _warn_left_out(folder, out, loose, folder)
     if not files: raise DataError(f"{folder}: no images ({'/'.join(IMG_EXTS)}) found")
     names = [n for _, n in files]
     extra = {"files": [str(f.relative_to(folder)) for f, _ in files]}
@@ -212,6 +219,19 @@ def write_lmdb_from_folder(folder, out_dir, map_size=None, label_field="pids", p
     items = ((f.read_bytes(), l) for (f, _), l in zip(files, labels))
     return write_lmdb(out_dir, items, map_size=map_size, extra=extra, label_field=label_field,
                       total=len(files), progress=progress)
+
+# %% ../nbs/00_data.ipynb #1c379a48
+def _inside(paths, root):
+    "`(kept, skipped)`: `paths` less the symlinks (to files or folders) whose resolved target lies outside the folder `root`."
+    top = Path(os.path.realpath(root))
+    kept = [p for p in paths if not p.is_symlink() or Path(os.path.realpath(p)).is_relative_to(top)]
+    return kept, len(paths) - len(kept)
+
+def _warn_left_out(folder, links, loose, root):
+    "One warning with the numbers of what a folder scan left out: `links` symlinks leading out of `root`, `loose` images beside label subfolders."
+    parts = [f"skipped {links} symlink(s) whose target lies outside {root}"] if links else []
+    if loose: parts.append(f"ignored {loose} loose image file(s) beside the identity subfolders (only <id>/<image> files are read)")
+    if parts: warnings.warn(f"{folder}: " + " and ".join(parts), stacklevel=3)
 
 # %% ../nbs/00_data.ipynb #ca296acd
 _ENVS = {}  # realpath -> (pid, ident, env): one read-only handle per LMDB per process
@@ -390,38 +410,41 @@ class Benchmark:
 # %% ../nbs/00_data.ipynb #151a6cb9
 _MARKET_RE = re.compile(r"^(-?\d+)_c(\d+)")
 
-def _scan_images(d, what, regex, form, item):
-    "`item(path, match)` for each image of folder `d` whose name matches `regex` (None: skip it); a `DataError` naming a misnamed file or an empty folder."
+def _scan_images(d, what, regex, form, item, root=None):
+    """`item(path, match)` for each image of folder `d` whose name matches `regex` (None: skip it); a `DataError` naming a
+    misnamed file or an empty folder. Symlinks whose target lies outside `root` (default `d`) are skipped, counted in a warning."""
     d, items = _require(d, what), []
-    for f in sorted(d.iterdir()):
-        if f.suffix.lower() not in IMG_EXTS: continue
+    files, out = _inside([f for f in sorted(d.iterdir()) if f.suffix.lower() in IMG_EXTS], root or d)
+    for f in files:
         m = regex.match(f.name)
         if m is None: raise DataError(f"{f}: file name {form}")
         if (it := item(f, m)) is not None: items.append(it)
+    _warn_left_out(d, out, 0, root or d)
     if not items: raise DataError(f"{d}: no images found")
     return items
 
-def _read_market_dir(d):
+def _read_market_dir(d, root=None):
     "Items of a Market-style folder (`<pid>_c<cam>...`), junk (-1) dropped."
     return _scan_images(d, "benchmark folder", _MARKET_RE, "does not start with <pid>_c<cam>",
-                        lambda f, m: None if int(m[1]) == -1 else Item(str(f), int(m[1]), int(m[2]) - 1))
+                        lambda f, m: None if int(m[1]) == -1 else Item(str(f), int(m[1]), int(m[2]) - 1), root)
 
-def _read_market_layout(root, name):
+def _read_market_layout(root, name, train=True):
     root = _require(root, f"{name} root")
-    return Benchmark(name, *(_read_market_dir(root / s) for s in ("bounding_box_train", "query", "bounding_box_test")))
+    return Benchmark(name, *(_read_market_dir(root / s, root) if s else []
+                             for s in ("bounding_box_train" if train else None, "query", "bounding_box_test")))
 
-def read_market1501(root):
-    "Market-1501 (`bounding_box_train`, `query`, `bounding_box_test`)."
-    return _read_market_layout(root, "market1501")
+def read_market1501(root, train=True):
+    "Market-1501 (`bounding_box_train`, `query`, `bounding_box_test`); `train=False`: no training split (`train` empty, the folder need not exist)."
+    return _read_market_layout(root, "market1501", train)
 
-def read_dukemtmc(root):
+def read_dukemtmc(root, train=True):
     "DukeMTMC-reID (same layout as Market-1501)."
-    return _read_market_layout(root, "dukemtmc")
+    return _read_market_layout(root, "dukemtmc", train)
 
-def read_cuhk03_np(root, kind="labeled"):
+def read_cuhk03_np(root, kind="labeled", train=True):
     "CUHK03-NP (new protocol): `root/{labeled,detected}/{bounding_box_train,query,bounding_box_test}`."
     if kind not in ("labeled", "detected"): raise ValueError(f"kind must be 'labeled' or 'detected', not {kind!r}")
-    return _read_market_layout(_require(root, "CUHK03-NP root") / kind, f"cuhk03_np_{kind}")
+    return _read_market_layout(_require(root, "CUHK03-NP root") / kind, f"cuhk03_np_{kind}", train)
 
 # %% ../nbs/00_data.ipynb #58b68178
 def _read_msmt_list(list_file, img_dir):
@@ -436,69 +459,92 @@ def _read_msmt_list(list_file, img_dir):
         items.append(Item(str(img_dir / rel), int(pid), cam))
     return items
 
-def read_msmt17(root):
-    "MSMT17 (V1 `train/` `test/` or V2 `mask_train_v2/` `mask_test_v2/`) from its list files; train = list_train + list_val."
+def read_msmt17(root, train=True):
+    "MSMT17 (V1 `train/` `test/` or V2 `mask_train_v2/` `mask_test_v2/`) from its list files; train = list_train + list_val (`train=False`: none, neither need exist)."
     root = _require(root, "MSMT17 root")
     def pick(*names):
         for n in names:
             if (root / n).is_dir(): return root / n
         raise DataNotFoundError(f"MSMT17 image folder not found: {root}/{' or '.join(names)}")
-    train_dir, test_dir = pick("train", "mask_train_v2"), pick("test", "mask_test_v2")
-    train = _read_msmt_list(root / "list_train.txt", train_dir)
-    if (root / "list_val.txt").exists(): train += _read_msmt_list(root / "list_val.txt", train_dir)
-    return Benchmark("msmt17", train, _read_msmt_list(root / "list_query.txt", test_dir),
+    train_dir, test_dir, items = pick("train", "mask_train_v2") if train else None, pick("test", "mask_test_v2"), []
+    if train:
+        items = _read_msmt_list(root / "list_train.txt", train_dir)
+        if (root / "list_val.txt").exists(): items += _read_msmt_list(root / "list_val.txt", train_dir)
+    return Benchmark("msmt17", items, _read_msmt_list(root / "list_query.txt", test_dir),
                      _read_msmt_list(root / "list_gallery.txt", test_dir))
 
 # %% ../nbs/00_data.ipynb #936c4d2d
 _CUHK_PAIR_RE = re.compile(r"^(\d+)_(\d+)\.")
 
-def _read_cuhk_pair_dir(d, offset=0):
+def _read_cuhk_pair_dir(d, offset=0, root=None):
     "Items of a CUHK03 camera-pair folder (`<pid>_<idx>.jpg`, idx 00-04 camera A, 05-09 camera B), pids + `offset`."
     return _scan_images(d, "CUHK03 folder", _CUHK_PAIR_RE, "is not <pid>_<idx>.jpg",
-                        lambda f, m: Item(str(f), int(m[1]) + offset, 0 if int(m[2]) < 5 else 1))
+                        lambda f, m: Item(str(f), int(m[1]) + offset, 0 if int(m[2]) < 5 else 1), root)
 
-def read_cuhk03_pairs(root):
-    "CUHK03 camera-pair folder (`labeled/train`, `labeled/val`): train = train; query = val camera A (idx 00-04), gallery = val camera B (05-09); val pids offset past the train pids."
+def read_cuhk03_pairs(root, train=True):
+    """CUHK03 camera-pair folder (`labeled/train`, `labeled/val`): train = train; query = val camera A (idx 00-04), gallery =
+    val camera B (05-09); val pids offset past the train pids. `train=False`: `train` empty, `labeled/train` optional (read for the offset when present)."""
     root = _require(root, "CUHK03 root")
-    train = _read_cuhk_pair_dir(root / "labeled" / "train")
-    val = _read_cuhk_pair_dir(root / "labeled" / "val", offset=max(i.pid for i in train) + 1)
-    return Benchmark("cuhk03_pairs", train, [i for i in val if i.camid == 0], [i for i in val if i.camid == 1])
+    tdir = root / "labeled" / "train"
+    tr = _read_cuhk_pair_dir(tdir, root=root) if train or tdir.is_dir() else []
+    val = _read_cuhk_pair_dir(root / "labeled" / "val", offset=max((i.pid for i in tr), default=-1) + 1, root=root)
+    return Benchmark("cuhk03_pairs", tr if train else [], [i for i in val if i.camid == 0], [i for i in val if i.camid == 1])
 
 # %% ../nbs/00_data.ipynb #6d4c8421
 _MARS_RE = re.compile(r"^(\d{4}|00-1)C(\d)T(\d{4})F(\d{3})")
 
-def read_mars(root):
-    "MARS at frame level: train = every frame of `bbox_train` (junk dropped); query/gallery = the frames of the tracklets in `gtPepper/{query,gallery}.json`."
+def _mars_frames(d, root):
+    "The `<pid>/*.jpg` frames of the MARS folder `d`, sorted; symlinks out of `root` skipped and loose images beside the `<pid>/` folders ignored, with a warning."
+    dirs, out = _inside([p for p in sorted(d.iterdir()) if p.is_dir()], root)
+    files = []
+    for sub in dirs:
+        fs, n = _inside(sorted(sub.glob("*.jpg")), root)
+        files, out = files + fs, out + n
+    _warn_left_out(d, out, sum(_is_img(p) for p in d.iterdir()), root)
+    return sorted(files)
+
+def read_mars(root, train=True):
+    "MARS at frame level: train = every frame of `bbox_train` (junk dropped; `train=False`: none, the folder need not exist); query/gallery = the frames of the tracklets in `gtPepper/{query,gallery}.json`."
     root = _require(root, "MARS root")
-    train = []
-    for f in sorted(_require(root / "bbox_train", "MARS folder").glob("*/*.jpg")):
+    train_items = []
+    for f in (_mars_frames(_require(root / "bbox_train", "MARS folder"), root) if train else []):
         m = _MARS_RE.match(f.name)
         if m is None: raise DataError(f"{f}: file name is not <pid>C<cam>T<tracklet>F<frame>.jpg")
-        if m[1] != "00-1": train.append(Item(str(f), int(m[1]), int(m[2]) - 1))
+        if m[1] != "00-1": train_items.append(Item(str(f), int(m[1]), int(m[2]) - 1))
     def split(name):
         js = root / "gtPepper" / f"{name}.json"
         if not js.exists():
             raise DataNotFoundError(f"MARS {name} list not found: {js} (the original info/*.mat split is not supported)")
         return [Item(str(root / p), int(t["pid"]), int(t["camid"])) for t in json.loads(js.read_text())
                 for p in t["img_paths"] if int(t["pid"]) != -1]
-    return Benchmark("mars", train, split("query"), split("gallery"))
+    return Benchmark("mars", train_items, split("query"), split("gallery"))
 
 # %% ../nbs/00_data.ipynb #4a2d1d79
-def read_benchmark(root, name=None):
-    "Read a benchmark, picking the reader from `name` or, when `None`, from the folder layout."
+_LAYOUTS = (("cuhk03_np", "labeled/bounding_box_train", "labeled/bounding_box_test"), ("cuhk03_pairs", "labeled/train", "labeled/val"),
+            ("mars", "bbox_train", "bbox_test"), ("market1501", "bounding_box_train", "bounding_box_test"))  # (name, train, test folder)
+
+def _layout(root, train):
+    "The reader name for `root`'s folder layout (None: unknown); with `train=False` a layout's test folder suffices."
+    if (root / "list_train.txt").exists() or (root / "list_query.txt").exists(): return "msmt17"
+    for name, tr, te in _LAYOUTS:
+        if (root / tr).is_dir() or (not train and (root / te).is_dir()):
+            return "dukemtmc" if name == "market1501" and "duke" in root.name.lower() else name
+    return None
+
+def read_benchmark(root, name=None, train=True):
+    """Read a benchmark, picking the reader from `name` or, when `None`, from the folder layout. `train=False` (evaluation):
+    the training split is not read and need not exist (`train` is empty)."""
     readers = {"market1501": read_market1501, "dukemtmc": read_dukemtmc, "msmt17": read_msmt17,
-               "cuhk03_np": read_cuhk03_np, "cuhk03_np_detected": lambda r: read_cuhk03_np(r, "detected"),
+               "cuhk03_np": read_cuhk03_np, "cuhk03_np_detected": lambda r, train: read_cuhk03_np(r, "detected", train),
                "cuhk03_pairs": read_cuhk03_pairs, "mars": read_mars}
     root = _require(root, "benchmark root")
     if name is None:
-        if (root / "list_train.txt").exists() or (root / "list_query.txt").exists(): name = "msmt17"
-        elif (root / "labeled" / "bounding_box_train").is_dir(): name = "cuhk03_np"
-        elif (root / "labeled" / "train").is_dir(): name = "cuhk03_pairs"
-        elif (root / "bbox_train").is_dir(): name = "mars"
-        elif (root / "bounding_box_train").is_dir(): name = "dukemtmc" if "duke" in root.name.lower() else "market1501"
-        else: raise DataError(f"{root}: unknown benchmark layout (expected bounding_box_train/, labeled/, bbox_train/ or list_*.txt)")
+        name = _layout(root, train)
+        if name is None:
+            raise DataError(f"{root}: unknown benchmark layout (expected bounding_box_train/, labeled/, bbox_train/ or list_*.txt"
+                            + (")" if train else "; for evaluation bounding_box_test/, labeled/val/ or bbox_test/ will do)"))
     if name not in readers: raise ValueError(f"unknown benchmark {name!r}; one of {sorted(readers)}")
-    return readers[name](root)
+    return readers[name](root, train=train)
 
 # %% ../nbs/00_data.ipynb #e502d352
 def _open_image(path):

@@ -7,7 +7,7 @@ __all__ = ['MOT_COLUMNS', 'VIDEO_EXTS', 'Crop', 'read_mot', 'clip_boxes', 'frame
            'crops_from_tracks', 'mot_sequences', 'tracks_to_lmdb', 'noisy_lmdb']
 
 # %% ../nbs/00b_tracks.ipynb #a4f95336
-import io
+import io, re
 from collections import namedtuple
 from pathlib import Path
 
@@ -21,6 +21,7 @@ from .noise import simulate_noise
 
 # %% ../nbs/00b_tracks.ipynb #24bc5ffc
 MOT_COLUMNS = ("frame", "id", "x", "y", "w", "h", "conf", "cls", "vis")
+_MOT_FORM = "expected >= 6 numeric comma-separated columns (frame,id,x,y,w,h[,conf,class,visibility])"
 
 def read_mot(path):
     "Parse a MOTChallenge txt (gt.txt, det.txt or tracker output) -> DataFrame with columns `MOT_COLUMNS`."
@@ -35,14 +36,47 @@ def read_mot(path):
     try: raw = pd.read_csv(io.BytesIO(data), header=None, skipinitialspace=True)
     except Exception as e: raise DataError(f"{path}: not a MOTChallenge csv file ({type(e).__name__}: {e})") from None
     ncol = raw.shape[1]
-    if ncol < 6 or not all(pd.api.types.is_numeric_dtype(raw[c]) for c in raw) or raw.iloc[:, :6].isna().any().any():
-        raise DataError(f"{path}: expected >= 6 numeric comma-separated columns (frame,id,x,y,w,h[,conf,class,visibility]), "
-                        f"got {ncol} columns of types {sorted(set(raw.dtypes.astype(str)))}")
+    if ncol < 6 or not all(pd.api.types.is_numeric_dtype(raw[c]) for c in raw):
+        raise DataError(f"{path}: {_MOT_FORM}, got {ncol} columns of types {sorted(set(raw.dtypes.astype(str)))}")
+    _check_mot_rows(raw, text, path)
     df = raw.iloc[:, :6].set_axis(list(MOT_COLUMNS[:6]), axis=1)
     df["conf"] = raw[6] if ncol > 6 else 1.0
     df["cls"] = raw[7] if ncol == 9 else 1   # 9 columns = ground truth; 7 or 10 = detections / tracker output
     df["vis"] = raw[8] if ncol == 9 else 1.0
     return df.astype(dtypes)
+
+# %% ../nbs/00b_tracks.ipynb #6477306d
+_MOT_NAMES = MOT_COLUMNS[:7] + ("class", "visibility")   # in messages
+
+def _mot_lines(text, n):
+    "`where(row)`: 'line <1-based line number in `text`>' of each of the `n` rows pandas read (it skips blank lines)."
+    nums = [i for i, ln in enumerate(re.split(r"\r\n|\r|\n", text), 1) if ln.strip(" \t")]
+    return (lambda r: f"line {nums[r]}") if len(nums) == n else (lambda r: f"row {r + 1}")
+
+def _check_mot_rows(raw, text, path):
+    """Refuse, naming `path` and the line, what `read_mot` would otherwise read wrong: an empty, NaN or infinite value in a
+    column it uses, a frame, id (or ground-truth class) that is not a whole number, a (frame, id) pair given twice."""
+    ncol, where = raw.shape[1], _mot_lines(text, len(raw))
+    used = list(range(6)) + ([6] if ncol > 6 else []) + ([7, 8] if ncol == 9 else [])   # 10 columns: 7-9 unused
+    bad = ~np.isfinite(raw[used].to_numpy(np.float64))
+    if bad.any():
+        r, c = np.argwhere(bad)[0]
+        raise DataError(f"{path}: {_MOT_FORM}; {where(r)} has an empty, NaN or infinite {_MOT_NAMES[used[c]]} "
+                        f"(column {used[c] + 1})")
+    for c in [0, 1] + ([7] if ncol == 9 else []):
+        v = raw[c].to_numpy(np.float64)
+        if (frac := v != np.round(v)).any():
+            r = int(np.flatnonzero(frac)[0])
+            raise DataError(f"{path}: {where(r)}: the {_MOT_NAMES[c]} {float(v[r])} is not a whole number "
+                            "(refused rather than truncated)")
+    key = raw.loc[raw[1] >= 0, [0, 1]]                        # id -1: a detection without a track
+    if (again := key.duplicated()).any():
+        r = int(again.to_numpy().argmax())
+        f, i = key.iloc[r]
+        r0 = int(((key[0] == f) & (key[1] == i)).to_numpy().argmax())
+        rows = key.index.to_numpy()
+        raise DataError(f"{path}: {where(rows[r])}: duplicate (frame, id) = ({int(f)}, {int(i)}), first on "
+                        f"{where(rows[r0])}; a track has one box per frame")
 
 # %% ../nbs/00b_tracks.ipynb #9e2d9f9e
 VIDEO_EXTS = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg")

@@ -1,6 +1,9 @@
 """Bad input on the data side (issue 12): deep PNGs, corrupt crops counted across DataLoader workers,
-`keys.pkl` validated up front with the file named, stale temp folders of a killed toy generation."""
-import io, os, pickle
+`keys.pkl` validated up front with the file named, stale temp folders of a killed toy generation; and (issue 23) MOT files
+and image folders that would be read wrong without a word: fractional or repeated track ids, symlinks out of a folder,
+loose images beside identity folders, a training split evaluation does not need."""
+import io, json, os, pickle, warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,9 +11,10 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from lupnl.data import DataError, LMDBDataset, load_keys, write_lmdb
+from lupnl.data import DataError, LMDBDataset, load_keys, write_lmdb, read_benchmark, read_market1501, read_mars, write_lmdb_from_folder
 from lupnl.transforms import reid_test_transform
 from lupnl.toy import toy_dataset
+from lupnl.tracks import read_mot
 
 TINY = dict(n_ids=16, imgs_per_id=(6, 10), n_bench_ids=10, n_distractors=3, n_bench_junk=2)
 
@@ -118,3 +122,141 @@ def test_toy_dataset_removes_stale_temp_folders(tmp_path):
     toy_dataset(root, progress=False, **TINY)
     assert not dead.exists() and not old.exists() and live.exists() and other.exists()
     assert (root / "toy.json").exists()
+
+
+# ---------------------------------------------------------------- MOT files read wrong without a word (issue 23)
+
+
+def _mot(tmp_path, text, name="gt.txt"):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+@pytest.mark.parametrize("text, msg", [
+    ("1,7,1,1,5,5\n2,7,1,1,5,5\n\n3,110.7,1,1,5,5\n", "line 4: the id 110.7 is not a whole number"),
+    ("1,7,1,1,5,5\n1.5,8,1,1,5,5\n", "line 2: the frame 1.5 is not a whole number"),
+    ("1,7,1,1,5,5,1,1,1\n2,7,1,1,5,5,1,2.5,1\n", "line 2: the class 2.5 is not a whole number"),
+    ("1,7,1,1,5,5\n\n2,7,1,1,5,5\n1,7,9,9,5,5\n", "line 4: duplicate (frame, id) = (1, 7), first on line 1"),
+    ("1,7,1,1,5,5\r\n2,7,1,1,nan,5\r\n", "line 2 has an empty, NaN or infinite w (column 5)"),
+    ("1,7,1,1,5,5\n2,7,,1,5,5\n", "line 2 has an empty, NaN or infinite x (column 3)"),
+    ("1,7,1,1,5,5,1,,1\n", "line 1 has an empty, NaN or infinite class (column 8)"),
+])
+def test_read_mot_refuses_what_it_would_read_wrong(tmp_path, text, msg):
+    "Fractional frames / ids are refused, not truncated; a track's box given twice in a frame and NaNs name the 1-based line."
+    p = _mot(tmp_path, text, "tracker_out.txt")
+    with pytest.raises(DataError) as e: read_mot(p)
+    assert str(e.value).startswith(f"{p}: ") and msg in str(e.value), str(e.value)
+
+
+def test_read_mot_still_reads_detections_and_whole_floats(tmp_path):
+    "id -1 (detections without a track) may repeat in a frame; 2.0 is a whole number; the NaN message keeps its start."
+    det = read_mot(_mot(tmp_path, "1,-1,1,1,5,5,0.9,-1,-1,-1\n1,-1,2,2,5,5,0.8,-1,-1,-1\n2,-1,1,1,5,5,0.7,-1,-1,-1\n", "det.txt"))
+    assert det.id.tolist() == [-1, -1, -1] and det.frame.tolist() == [1, 1, 2]
+    gt = read_mot(_mot(tmp_path, "1.0,3.0,1,1,5,5\n2,3,1,1,5,5\n"))
+    assert gt.frame.tolist() == [1, 2] and gt.id.tolist() == [3, 3] and gt.frame.dtype == np.int64
+    with pytest.raises(DataError, match=r"bad.txt: expected >= 6 numeric .*line 1 has an empty"):
+        read_mot(_mot(tmp_path, "1,2,3,4,,6\n", "bad.txt"))
+
+
+# ---------------------------------------------------------------- folder readers: symlinks out, loose images (issue 23)
+
+
+def _img(path, seed):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(_png(np.random.default_rng(seed).integers(0, 256, (16, 8, 3), dtype=np.uint8)))
+    return path
+
+
+def _left_out(fn, *args, **kw):
+    "`(result, messages of the warnings)` of `fn(*args, **kw)`."
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        out = fn(*args, **kw)
+    return out, [str(x.message) for x in w]
+
+
+@pytest.mark.parametrize("layout", ["subfolders", "flat"])
+def test_write_lmdb_from_folder_skips_symlinks_out_of_the_folder(tmp_path, layout):
+    "Done-when of issue 23: a symlink to a file outside the folder writes no byte of that file; links inside are kept."
+    secret = _img(tmp_path / "private" / "secret.png", 1)
+    src = tmp_path / "crops"
+    if layout == "subfolders":
+        _img(src / "0001" / "a.png", 2)
+        (src / "0001" / "b.png").symlink_to(secret)                 # a file out of the folder
+        (src / "0002").symlink_to(secret.parent, target_is_directory=True)   # a folder out of it
+        (src / "0001" / "c.png").symlink_to(src / "0001" / "a.png")  # inside: kept
+        links, kept = 2, ["0001/a.png", "0001/c.png"]
+    else:
+        _img(src / "0001_c1_a.png", 2)
+        (src / "0001_c2_b.png").symlink_to(secret)
+        links, kept = 1, ["0001_c1_a.png"]
+    out, msgs = _left_out(write_lmdb_from_folder, src, tmp_path / "lmdb", progress=False)
+    ds = LMDBDataset(out)
+    assert ds.meta["files"] == kept
+    assert secret.read_bytes() not in (out / "data.mdb").read_bytes()
+    assert len(msgs) == 1 and f"skipped {links} symlink(s) whose target lies outside {src}" in msgs[0]
+
+
+def test_write_lmdb_from_folder_counts_loose_images(tmp_path):
+    src = tmp_path / "crops"
+    for j in range(3): _img(src / "7" / f"{j}.png", j)
+    _img(src / "stray.png", 5); _img(src / "7_also.jpg", 6)         # beside the label folders: not read
+    (src / "notes.txt").write_text("not an image")
+    out, msgs = _left_out(write_lmdb_from_folder, src, tmp_path / "lmdb", progress=False)
+    assert len(LMDBDataset(out)) == 3
+    assert len(msgs) == 1 and "ignored 2 loose image file(s) beside the identity subfolders" in msgs[0] and str(src) in msgs[0]
+    _, msgs = _left_out(write_lmdb_from_folder, src / "7", tmp_path / "lmdb2", progress=False)   # flat, nothing left out
+    assert msgs == []
+
+
+def _market(root, train=True):
+    for s, names in (("bounding_box_train", ["0001_c1s1_000001_00.jpg", "0001_c2s1_000002_00.jpg"] if train else []),
+                     ("query", ["0005_c1s1_000003_00.jpg"]), ("bounding_box_test", ["0005_c2s1_000004_00.jpg", "0006_c1s1_000005_00.jpg"])):
+        for j, n in enumerate(names): _img(root / s / n, j)
+    return root
+
+
+def test_benchmark_readers_skip_symlinks_out_of_the_benchmark(tmp_path):
+    root = _market(tmp_path / "market")
+    outside = _img(tmp_path / "elsewhere" / "0005_c3s1_000009_00.jpg", 9)
+    (root / "bounding_box_test" / outside.name).symlink_to(outside)
+    (root / "query" / "0006_c2s1_000010_00.jpg").symlink_to(root / "bounding_box_test" / "0006_c1s1_000005_00.jpg")  # inside
+    b, msgs = _left_out(read_benchmark, root)
+    assert [Path(i.path).name for i in b.gallery] == ["0005_c2s1_000004_00.jpg", "0006_c1s1_000005_00.jpg"]
+    assert len(b.query) == 2 and len(b.train) == 2
+    assert len(msgs) == 1 and "bounding_box_test: skipped 1 symlink(s)" in msgs[0]
+
+
+def test_mars_reader_skips_symlinked_folders_and_counts_loose_frames(tmp_path):
+    root = tmp_path / "mars"
+    for pid in ("0001", "0002"): _img(root / "bbox_train" / pid / f"{pid}C1T0001F001.jpg", int(pid))
+    _img(root / "bbox_train" / "0003C1T0001F001.jpg", 3)             # a loose frame beside the <pid>/ folders
+    _img(tmp_path / "other" / "0009" / "0009C1T0001F001.jpg", 4)
+    (root / "bbox_train" / "0009").symlink_to(tmp_path / "other" / "0009", target_is_directory=True)
+    (root / "gtPepper").mkdir()
+    for split in ("query", "gallery"):
+        (root / "gtPepper" / f"{split}.json").write_text(json.dumps([{"pid": 1, "camid": 0, "img_paths": ["bbox_train/0001/0001C1T0001F001.jpg"]}]))
+    b, msgs = _left_out(read_mars, root)
+    assert [i.pid for i in b.train] == [1, 2]
+    assert len(msgs) == 1 and "skipped 1 symlink(s)" in msgs[0] and "ignored 1 loose image file(s)" in msgs[0]
+
+
+def test_evaluation_needs_no_training_split(tmp_path):
+    "read_benchmark(train=False) reads a Market layout without bounding_box_train; fine-tuning still requires it (same message)."
+    root = _market(tmp_path / "market", train=False)
+    b = read_benchmark(root, train=False)
+    assert (b.name, len(b.train), len(b.query), len(b.gallery)) == ("market1501", 0, 1, 2)
+    assert read_market1501(root, train=False).gallery == b.gallery
+    with pytest.raises(DataError, match=r"unknown benchmark layout \(expected bounding_box_train/, labeled/, bbox_train/ or list_\*.txt\)$"):
+        read_benchmark(root)
+    from lupnl.finetune import FinetuneConfig, load_benchmark
+    with pytest.raises(DataError, match="unknown benchmark layout"): load_benchmark(FinetuneConfig(data=str(root)))
+    with pytest.raises(DataError, match="benchmark folder not found: .*bounding_box_train"): read_market1501(root)
+
+
+def test_real_benchmarks_without_the_training_split(shared_data):
+    "train=False gives the same query / gallery items (and pids) on the real benchmarks, with an empty train."
+    for name in ("market1501-pepper-mini", "cuhk03-labeled-pair1", "mars-pepper-mini"):
+        full, test_only = read_benchmark(shared_data / name), read_benchmark(shared_data / name, train=False)
+        assert test_only.train == [] and test_only.query == full.query and test_only.gallery == full.gallery, name

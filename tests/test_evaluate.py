@@ -479,3 +479,102 @@ def test_papermill_parameters(tmp_path, shared_data):
                           "-p", "run_rael", "True", "--log-level", "WARNING"], cwd=REPO, capture_output=True, text=True,
                          env={k: v for k, v in env.items() if k != "LUPNL_IMAGES"})
     assert bad.returncode != 0 and "did you mean 'run_real'" in bad.stderr + bad.stdout
+
+
+# ------------------------------------------------------------------------------- no silent wrong results (issue 23)
+
+def _labels():
+    return torch.arange(40) % 10, torch.arange(120) % 10, torch.arange(40) % 3, torch.arange(120) % 4
+
+
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+def test_non_finite_features_are_refused(metric):
+    qp, gp, qc, gc = _labels()
+    g = torch.Generator().manual_seed(0)
+    qf, gf = torch.randn(40, 8, generator=g), torch.randn(120, 8, generator=g)
+    qf[[2, 5, 9], 1] = float("nan"); gf[7, 0] = float("inf")
+    msg = "3 of 40 query features and 1 of 120 gallery features are not finite"
+    with pytest.raises(ValueError, match=msg): evaluate_features(qf, gf, qp, gp, qc, gc, metric=metric)
+    with pytest.raises(ValueError, match=msg): compute_distance(qf, gf, metric)
+
+
+def test_constant_features_are_warned_about():
+    "An all-zero model (and any nearly constant one) is warned about; ordinary features, however alike, are not."
+    qp, gp, qc, gc = _labels()
+    with pytest.warns(UserWarning, match=r"the query and gallery features are \(nearly\) constant"):
+        r = evaluate_features(torch.zeros(40, 16), torch.zeros(120, 16), qp, gp, qc, gc)
+    assert r.num_valid == 40                              # still scored (ties), but not silently
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(1, 16, generator=g)
+    with pytest.warns(UserWarning, match=r"the gallery features are \(nearly\) constant"):
+        compute_distance(torch.randn(40, 16, generator=g), base + 1e-6 * torch.randn(120, 16, generator=g))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                    # alike but rankable (spread 1e-2): no warning
+        evaluate_features(base + 1e-2 * torch.randn(40, 16, generator=g), base + 1e-2 * torch.randn(120, 16, generator=g),
+                          qp, gp, qc, gc)
+        evaluate_features(torch.randn(1, 16, generator=g), torch.randn(120, 16, generator=g), qp[:1], gp, qc[:1], gc)
+
+
+def test_all_zero_model_through_evaluate(tmp_path):
+    from PIL import Image
+    from lupnl.data import Item
+    def item(i, pid, cam):
+        p = tmp_path / f"{i}.png"
+        Image.fromarray(np.full((16, 8, 3), 40 * pid, np.uint8)).save(p)
+        return Item(str(p), pid, cam)
+    query, gallery = [item(0, 1, 0), item(1, 2, 0)], [item(10 + j, pid, 1) for j, pid in enumerate([1, 2, 3])]
+    zero = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(3, 8))
+    torch.nn.init.zeros_(zero[2].weight); torch.nn.init.zeros_(zero[2].bias)
+    with pytest.warns(UserWarning, match="constant"): evaluate(zero, query, gallery, size=(16, 8), progress=False)
+
+
+# ---- the command line: the protocol recorded, user errors in one line
+
+def cli(*args, timeout=600):
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+           "PYTHONPATH": os.pathsep.join([str(REPO)] + [p for p in [os.environ.get("PYTHONPATH")] if p])}
+    return subprocess.run([sys.executable, "-m", "lupnl.evaluate", *map(str, args)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _one_line_error(res, *texts):
+    err = res.stderr.strip()
+    assert res.returncode == 1 and "Traceback" not in err and len(err.splitlines()) == 1, res.stderr[-3000:]
+    assert err.startswith("python -m lupnl.evaluate: error: ") and all(t in err for t in texts), err
+    return err
+
+
+@pytest.fixture(scope="module")
+def market_test_only(shared_data, tmp_path_factory):
+    "The Market mini query and gallery, without bounding_box_train (copied: 64 small images)."
+    import shutil
+    root = tmp_path_factory.mktemp("bench") / "market_test_only"
+    for s in ("query", "bounding_box_test"): shutil.copytree(shared_data / "market1501-pepper-mini" / s, root / s)
+    return root
+
+
+def test_main_records_the_protocol_and_needs_no_training_split(shared_data, market_test_only, capsys):
+    pytest.importorskip("onnxruntime")
+    onnx = shared_data / "weights" / "osnet_x0_25_msmt17.onnx"
+    r = ev.main([str(onnx), "--data", str(market_test_only), "--json", "--device", "cpu", "--ap", "market", "--cuhk03"])
+    assert json.loads(capsys.readouterr().out) == r
+    assert (r["ap"], r["cuhk03"], r["flip"], r["metric"]) == ("market", True, False, "cosine")
+    assert r["benchmark"] == "market1501" and r["num_query"] == 32 and r["num_valid"] == 30
+    r = ev.main([str(onnx), "--data", str(market_test_only), "--device", "cpu"])
+    assert (r["ap"], r["cuhk03"]) == ("standard", False) and abs(r["mAP"] - 75.93) <= 0.05   # the README's number
+    head = ev.format_scores({**r, "ap": "market", "cuhk03": True}).splitlines()[0]
+    assert head.endswith("(onnx, 256x128 crops, market AP, CUHK03 single-shot CMC, cosine)"), head
+    assert "market AP" not in ev.format_scores(r) and "CUHK03" not in ev.format_scores(r)
+
+
+def test_cli_user_errors_are_one_line(shared_data, tmp_path):
+    pytest.importorskip("onnxruntime")
+    onnx = shared_data / "weights" / "osnet_x0_25_msmt17.onnx"
+    _one_line_error(cli(onnx, "--data", tmp_path, "--device", "cpu"), "unknown benchmark layout", str(tmp_path))   # a DataError
+    (tmp_path / "junk.onnx").write_bytes(b"not an onnx model")
+    _one_line_error(cli(tmp_path / "junk.onnx", "--device", "cpu"), "junk.onnx: onnxruntime: ", "INVALID_PROTOBUF")
+    # the ONNX model's fixed 256x128 input: refused before any data is read (the benchmark here does not even exist)
+    _one_line_error(cli(onnx, "--size", "128x64", "--data", tmp_path / "nowhere", "--device", "cpu"),
+                    "--size 128x64 does not fit the ONNX model", "fixed at 256x128")
+    _one_line_error(cli(onnx, "--data", tmp_path / "nowhere", "--device", "cpu"), "benchmark root not found")
+    _one_line_error(cli(onnx, "--device", "cpu7"), "--device cpu7")
