@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import lupnl.runs as runs
+import lupnl.checkpoints as checkpoints
 from lupnl.data import LMDBDataset, write_lmdb
 from lupnl.pretrain import PretrainConfig, torchrun_command, train
 from lupnl.runs import config_args, read_metrics
@@ -107,33 +108,33 @@ def test_lock_is_released_by_kill_9(tmp_path):
 def test_full_disk_checkpoint_write(tmp_path, monkeypatch):
     "torch.save fails half-way with ENOSPC: the temporary file is removed, the error names the path and the reason."
     path = tmp_path / "checkpoint.pth"
-    runs.save_checkpoint(dict(epoch=1), path)
+    checkpoints.save_checkpoint(dict(epoch=1), path)
     real_save = torch.save
     def full_disk(obj, f, *a, **k):
         f.write(b"x" * 4096)
         raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(torch, "save", full_disk)
     with pytest.raises(OSError) as e:
-        runs.save_checkpoint(dict(epoch=2), path)
+        checkpoints.save_checkpoint(dict(epoch=2), path)
     assert e.value.errno == errno.ENOSPC
     assert f"cannot write checkpoint {path}: no space left on device" in str(e.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pth"]
     monkeypatch.setattr(torch, "save", real_save)
-    assert runs.load_checkpoint(path)["epoch"] == 1  # the previous checkpoint is intact
+    assert checkpoints.load_checkpoint(path)["epoch"] == 1  # the previous checkpoint is intact
 
 
 def test_full_disk_in_a_run_then_resume(finished, tmp_path, monkeypatch):
     "A run whose checkpoint write hits a full disk fails naming the file; the next run starts clean and resumes."
     cfg = copy_run(finished, tmp_path / "run")
-    real = runs.atomic_write
+    real = checkpoints.atomic_write   # lupnl.checkpoints writes checkpoints through lupnl.runs.atomic_write
     def failing(path, write, what="file"):
         if Path(path).name == "checkpoint.pth":
             return real(path, lambda f: (f.write(b"partial"), (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device"))), what)
         return real(path, write, what)
-    monkeypatch.setattr(runs, "atomic_write", failing)
+    monkeypatch.setattr(checkpoints, "atomic_write", failing)
     with pytest.raises(OSError, match="no space left on device"):
         train(replace(cfg, epochs=2))
-    monkeypatch.setattr(runs, "atomic_write", real)
+    monkeypatch.setattr(checkpoints, "atomic_write", real)
     assert not list(Path(cfg.out_dir).glob("*.tmp*"))
     with open(Path(cfg.out_dir) / "metrics.jsonl", "a") as f: f.write('{"epoch": 1, "lr": 0.0')   # and a torn row
     with pytest.warns(UserWarning, match=r"metrics.jsonl, line 3: torn last line"):

@@ -21,7 +21,7 @@ import torchvision
 import lupnl.finetune as ft
 from lupnl.heads import BoT, MGN
 from lupnl.finetune import FinetuneConfig, batch_hard_triplet, build_loaders, build_model, label_smoothed_ce, load_benchmark, parse_config, train
-from lupnl.checkpoints import export_backbone
+from lupnl.checkpoints import export_backbone, imagenet_weights
 from lupnl.models import resnet_trunk
 from conftest import FT_TINY
 
@@ -196,7 +196,7 @@ def test_init_from_safetensors(tmp_path):
 def test_vit_bot_shapes_and_gradients():
     "BoT on a timm ViT: class-token feature -> BNNeck -> classifier; gradients reach the patch embedding."
     from lupnl.models import build_trunk
-    model = ft.BoT(build_trunk("vit_small_patch16", depth=1), num_classes=7).train()
+    model = BoT(build_trunk("vit_small_patch16", depth=1), num_classes=7).train()
     out = model(torch.randn(8, 3, 32, 16))                               # 2x1 patches: timm's dynamic image size
     assert [l.shape for l in out["logits"]] == [(8, 7)] and [f.shape for f in out["feats"]] == [(8, 384)]
     loss, _, _ = ft.reid_losses(out, torch.arange(4).repeat_interleave(2), FinetuneConfig())
@@ -218,7 +218,7 @@ def test_vit_refusals(tmp_path):
     with pytest.raises(ValueError, match="nothing is downloaded"):
         FinetuneConfig(arch="vit_base_patch16", init="imagenet")
     with pytest.raises(ValueError, match="nothing is downloaded"):
-        ft.imagenet_weights("vit_small_patch16")
+        imagenet_weights("vit_small_patch16")
     with pytest.raises(ValueError, match="trunk_depth is for ViT trunks only"):
         FinetuneConfig(trunk_depth=2)
     with pytest.raises(ValueError, match="vit_small_patch16"):
