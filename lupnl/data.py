@@ -90,8 +90,8 @@ def load_keys(path):
     return _check_keys(d, f)
 
 # %% ../nbs/00_data.ipynb #0f9409c5
-PER_IMAGE_FIELDS = LABEL_FIELDS + ("true_pids", "camids", "videos", "tracks", "frames", "boxes", "files", "labels", "label_names")
-INT_FIELDS = LABEL_FIELDS + ("true_pids", "camids", "tracks", "frames")  # fields that must hold integers
+PER_IMAGE_FIELDS = LABEL_FIELDS + ("true_pids", "noise_kinds", "camids", "videos", "tracks", "frames", "boxes", "files", "labels", "label_names")
+INT_FIELDS = LABEL_FIELDS + ("true_pids", "noise_kinds", "camids", "tracks", "frames")  # fields that must hold integers
 
 def _check_key_types(keys, f):
     "Raise a `DataError` naming `f` unless every key is a non-empty ASCII `str` or a non-empty `bytes`."

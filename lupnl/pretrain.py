@@ -170,7 +170,7 @@ def build_optimizer(cfg, model):
 # %% ../nbs/03_pretrain.ipynb #3197bee7
 def label_scores(run):
     "`lupnl.noise.correction_scores` of the run's current labels against the tracker's (and the truth, where known)."
-    return correction_scores(run.noisy.numpy(), run.labels.cpu().numpy(), run.true)
+    return correction_scores(run.noisy.numpy(), run.labels.cpu().numpy(), run.true, run.dataset.meta.get("noise_kinds"))
 
 # %% ../nbs/03_pretrain.ipynb #0fd3a909
 LOSS_KEYS = ("loss", "loss_cls", "loss_proto", "loss_inst", "acc_inst", "acc_cls")

@@ -20,7 +20,7 @@ from .noise import simulate_noise, measure_noise
 from .runs import _alive
 
 # %% ../nbs/00a_toy.ipynb #bbc14463
-TOY_VERSION = 5  # 5: tracker-like default noise (ID switches; fewer whole-tracklet merges)
+TOY_VERSION = 6  # 6: keys.pkl records each crop's kind of noise (`noise_kinds`); 5: tracker-like default noise
 _SKIN = np.array([[.96, .80, .69], [.90, .70, .55], [.76, .57, .42], [.55, .38, .26], [.36, .24, .16]])
 _HAIR = np.array([[.08, .06, .05], [.25, .15, .08], [.55, .38, .18], [.85, .72, .45], [.62, .62, .62], [.55, .2, .1]])
 
@@ -284,7 +284,7 @@ def make_toy_dataset(root, n_ids=200, n_cams=6, imgs_per_id=(8, 22), n_bench_ids
     # pre-training split: images per identity in `imgs_per_id`, noisy labels, junk crops drawn from other people
     ident, cam = _visits(rng, n_cams, range(n_ids),
                          lambda cs: np.sort(rng.choice(cs, int(rng.integers(imgs_per_id[0], imgs_per_id[1] + 1)))).tolist())
-    noisy, true = simulate_noise(ident, split, merge, flip, junk, seed=seed, switch=switch)
+    noisy, true, kinds = simulate_noise(ident, split, merge, flip, junk, seed=seed, switch=switch, return_kinds=True)
     who = np.where(true < 0, n_ids + n_bench_ids + rng.integers(0, n_junk_people, len(ident)), ident)
     bwho, bcam, pid, folder, bjunk = _bench_layout(rng, n_ids, n_bench_ids, n_cams, n_distractors, n_bench_junk, n_junk_people)
     allwho, allcam, alljunk = np.concatenate([who, bwho]), np.concatenate([cam, bcam]), np.concatenate([true < 0, bjunk])
@@ -293,7 +293,7 @@ def make_toy_dataset(root, n_ids=200, n_cams=6, imgs_per_id=(8, 22), n_bench_ids
         sl = slice(a, a + 256)
         jpegs += [_jpeg(x) for x in _render(people, cams, allwho[sl], allcam[sl], alljunk[sl], rng, size)]
     write_lmdb(out.lmdb, zip(jpegs[:len(who)], noisy.tolist()), label_field="pids", progress=progress,
-               extra={"true_pids": true.tolist(), "camids": cam.tolist()})
+               extra={"true_pids": true.tolist(), "camids": cam.tolist(), "noise_kinds": kinds.tolist()})
     _write_bench(out.bench, jpegs[len(who):], pid, bcam, folder, rng)
     info = dict(version=TOY_VERSION, params=_toy_params(n_ids=n_ids, n_cams=n_cams, imgs_per_id=imgs_per_id,
                 n_bench_ids=n_bench_ids, n_distractors=n_distractors, n_bench_junk=n_bench_junk, size=size, split=split,

@@ -229,10 +229,11 @@ def tracks_to_lmdb(sequences, out_dir, tracks_file="gt/gt.txt", quality=95, prog
 # %% ../nbs/00b_tracks.ipynb #ee086f6f
 def noisy_lmdb(items, out_dir, split=0., merge=0., flip=0., junk=0., seed=0, progress=True, switch=0.):
     """Write benchmark `items` (`Item(path, pid, camid)`) as a LUPerson-NL LMDB whose `pids` carry simulated
-    noise; `keys.pkl` also holds `true_pids` (-1 = junk), `camids` and the source `files`. Returns the folder."""
+    noise; `keys.pkl` also holds `true_pids` (-1 = junk), the `noise_kinds` (`lupnl.noise.NOISE_KINDS`), `camids` and the source `files`. Returns the folder."""
     items = list(items)
     if not items: raise ValueError("no items to write")
-    noisy, true = simulate_noise([it.pid for it in items], split, merge, flip, junk, seed, switch)
-    extra = {"true_pids": true.tolist(), "camids": [it.camid for it in items], "files": [str(it.path) for it in items]}
+    noisy, true, kinds = simulate_noise([it.pid for it in items], split, merge, flip, junk, seed, switch, return_kinds=True)
+    extra = {"true_pids": true.tolist(), "camids": [it.camid for it in items], "files": [str(it.path) for it in items],
+             "noise_kinds": kinds.tolist()}
     data = ((Path(it.path).read_bytes(), int(l)) for it, l in zip(items, noisy))
     return write_lmdb(out_dir, data, extra=extra, total=len(items), progress=progress)

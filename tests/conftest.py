@@ -40,7 +40,7 @@ def env(data_home):
 
 @pytest.fixture(scope="session")
 def tiny_lmdb(data_home, tmp_path_factory):
-    "The first 128 crops of the toy data (about 9 identities) as their own LUPerson-NL LMDB (noisy pids + true_pids)."
+    "The first 128 crops of the toy data (about 9 identities) as their own LUPerson-NL LMDB (noisy pids, true_pids, noise_kinds)."
     from lupnl.data import LMDBDataset, write_lmdb
     from lupnl.toy import toy_dataset
     toy = toy_dataset(data_home / "toy", progress=False)
@@ -48,7 +48,7 @@ def tiny_lmdb(data_home, tmp_path_factory):
     n = 128
     out = tmp_path_factory.mktemp("tiny") / "lmdb"
     write_lmdb(out, ((ds.read_bytes(i), int(ds.labels[i])) for i in range(n)), progress=False,
-               extra={"true_pids": list(ds.meta["true_pids"][:n])})
+               extra={"true_pids": list(ds.meta["true_pids"][:n]), "noise_kinds": list(ds.meta["noise_kinds"][:n])})
     return out
 
 
