@@ -140,9 +140,9 @@ class StrongView(_View):
         return (f"StrongView(size={self.size}, scale={self.scale}, gray={self.gray}, blur={self.blur}, sigma={self.sigma}, "
                 f"erase={self.erase}, erase_scale={self.erase_scale})")
 
-def pretrain_strong_transform(size=(256, 128), mean=IMAGENET_MEAN, std=IMAGENET_STD, defer=False):
-    "PNL's strong view: random resized crop (0.2-1), grayscale 0.2, Gaussian blur 0.5, flip, random erasing 0.5 up to 0.6 of the area."
-    return StrongView(size, mean, std, defer=defer)
+def pretrain_strong_transform(size=(256, 128), mean=IMAGENET_MEAN, std=IMAGENET_STD, defer=False, sigma=(0.1, 2.0)):
+    "PNL's strong view: random resized crop (0.2-1), grayscale 0.2, Gaussian blur 0.5 with σ ~ U(`sigma`), flip, random erasing 0.5 up to 0.6 of the area."
+    return StrongView(size, mean, std, sigma=sigma, defer=defer)
 
 # %% ../nbs/00c_transforms.ipynb #58d53e07
 class TwoViewTransform:

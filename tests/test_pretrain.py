@@ -241,7 +241,8 @@ def test_recipe_follows_batch_and_epochs(tmp_path, tiny_lmdb, tiny_bench, tiny_c
     assert (saved["schedule"], saved["temperature"], saved["views"]) == ("step", 0.07, "weak,strong")
     with pytest.raises(ValueError, match=r"(?s)lr_steps: \(1,\) in the checkpoint, \(2, 4\) now.*follow epochs when left None.*--lr_steps 1"):
         train(replace(cfg, epochs=5))
-    rows = train(replace(cfg, epochs=3, lr_steps=(1,), correct_start=1, label_guided_start=1))   # explicit: accepted
+    rows = train(replace(cfg, epochs=3, lr_steps=(1,), correct_start=1, label_guided_start=1,
+                         proto_momentum=saved["proto_momentum"]))                  # explicit: accepted
     assert [r["epoch"] for r in rows] == [0, 1, 2]
     moco = resolve_config(replace(cfg, preset="moco"))
     assert (moco.lr, moco.schedule, moco.temperature, moco.views) == (pytest.approx(0.3 * 16 / 2560), "cosine", 0.1, "strong,strong")
@@ -265,3 +266,16 @@ def test_metrics_rows_score_every_move(finished):
     assert {f"recall_{k}" for k in NOISE_KINDS[1:]} <= set(row), sorted(row)
     assert row["n_fixed"] + row["n_neutral"] + row["n_broken"] <= row["n_corrected"]
     if row["n_corrected"]: assert row["correction_precision"] == row["n_fixed"] / row["n_corrected"]
+
+
+def test_faithful_recipe_scales_to_the_run(finished, tiny_lmdb):
+    "`--preset pnl` with defaults: one head, the prototype momentum scaled to the run's updates per label, the blur to the crop."
+    from lupnl.checkpoints import load_checkpoint
+    from lupnl.data import LMDBDataset
+    from lupnl.pretrain import RECIPES, scaled_proto_momentum, blur_sigma, build_data
+    ckpt = load_checkpoint(Path(finished.out_dir) / "checkpoint.pth")
+    ds = LMDBDataset(tiny_lmdb)
+    assert finished.proto_momentum is None and finished.inst_head is False
+    assert ckpt["config"]["proto_momentum"] == scaled_proto_momentum(RECIPES["pnl"], finished.epochs, len(ds) / ds.num_classes)
+    assert ckpt["config"]["proto_momentum"] < 0.999 and not any(k.startswith("encoder_q.proj_inst") for k in ckpt["model"])
+    assert build_data(finished)[0].transform.strong.sigma == blur_sigma(finished.img_size)
