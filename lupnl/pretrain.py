@@ -6,10 +6,11 @@
 __all__ = ['PRESETS', 'ARCH_CHOICES', 'VIEWS', 'RECIPES', 'BLUR_SIGMA', 'BLUR_HEIGHT', 'config_parser', 'parse_config',
            'LOSS_KEYS', 'PANELS', 'ABLATION', 'TRACKER_NOISE', 'SUMMARY', 'PretrainMethod', 'PretrainConfig',
            'scaled_proto_momentum', 'blur_sigma', 'resolve_config', 'LARS', 'build_optimizer', 'label_scores',
-           'build_model', 'trunk_kwargs', 'strong_view', 'weak_view', 'build_data', 'monitor_sample', 'monitor_row',
-           'PretrainRun', 'start_run', 'check_resumable_recipe', 'resume', 'device_views', 'train_one_epoch',
-           'end_epoch', 'finish_run', 'train', 'main', 'torchrun_command', 'launch', 'ablation_configs',
-           'finished_rows', 'random_init_scores', 'train_ablation', 'summarize_ablation', 'plot_ablation']
+           'HeldOut', 'held_out_split', 'build_model', 'trunk_kwargs', 'strong_view', 'weak_view', 'build_data',
+           'monitor_sample', 'monitor_row', 'PretrainRun', 'start_run', 'check_resumable_recipe', 'resume',
+           'device_views', 'train_one_epoch', 'validation_scores', 'end_epoch', 'finish_run', 'train', 'main',
+           'torchrun_command', 'launch', 'ablation_configs', 'finished_rows', 'random_init_scores', 'train_all',
+           'train_ablation', 'search_configs', 'select_settings', 'summarize_ablation', 'plot_ablation']
 
 # %% ../nbs/03_pretrain.ipynb #2e591967
 import copy, inspect, math, os, shlex, subprocess, sys, time
@@ -83,6 +84,8 @@ class PretrainConfig(PretrainMethod):
     eval_every: int = opt(1, "retrieval evaluation every N epochs and at the end (0: only at the end)", ref=3, lo=0)
     monitor_size: int = opt(512, "crops in the fixed sample of the collapse / correction monitors (0: off)", lo=0)
     bench: str = opt(None, "Market-1501-style benchmark folder; none: the built-in benchmark")
+    val_ids: int = opt(0, "hold out this many identities of the training data as a validation benchmark for model selection "
+                       "(by true identity where known, else by noisy label; never the test benchmark); 0: none", lo=0)
     resume: str = opt("auto", "auto: continue from out_dir/checkpoint.pth if there; never; or a checkpoint path")
     dump_state: bool = opt(False, "debug: every rank saves its queue, prototypes and labels at the end")
     timeout: float = opt(300, "seconds a DDP process waits for the others before the run fails", gt=0)
@@ -189,6 +192,32 @@ def label_scores(run):
     "`lupnl.noise.correction_scores` of the run's current labels against the tracker's (and the truth, where known)."
     return correction_scores(run.noisy.numpy(), run.labels.cpu().numpy(), run.true, run.dataset.meta.get("noise_kinds"))
 
+# %% ../nbs/03_pretrain.ipynb #8edef725
+class HeldOut(torch.utils.data.Dataset):
+    "Crops `index` of an LMDB as `(image, identity, camera)` for retrieval: the validation benchmark that `--val_ids` holds out."
+    def __init__(self, root, index, pids, camids, size):
+        self.data, self.index = LMDBDataset(root, reid_test_transform(size)), np.asarray(index)
+        self.pids, self.camids = np.asarray(pids), np.asarray(camids)
+    def __len__(self): return len(self.index)
+    def __getitem__(self, i): return self.data[int(self.index[i])][0], int(self.pids[i]), int(self.camids[i])
+
+def held_out_split(dataset, n_ids, seed=0):
+    """`(train_index, query, gallery)`: `n_ids` identities (true ones where `keys.pkl` has them, else noisy labels; the same
+    draw for every run on this data) out of training; of each, one crop per camera is a query and the rest the gallery."""
+    true = dataset.meta.get("true_pids")
+    ids = np.asarray(true if true is not None else dataset.labels)
+    cams = np.asarray(dataset.meta.get("camids", np.zeros(len(ids), np.int64)))
+    cands = np.unique(ids[ids >= 0])
+    if not 0 < n_ids < len(cands): raise ValueError(f"val_ids={n_ids}: the data has {len(cands)} identities; hold out fewer")
+    held = np.random.default_rng(seed).choice(cands, n_ids, replace=False)
+    out = np.isin(ids, held)
+    first = np.zeros(len(ids), bool)
+    first[np.flatnonzero(out)[np.unique(np.stack([ids[out], cams[out]]), axis=1, return_index=True)[1]]] = True
+    one_cam = "camids" not in dataset.meta      # no cameras: the queries form camera 0, the gallery camera 1
+    qcam, gcam = (np.zeros_like(cams), np.ones_like(cams)) if one_cam else (cams, cams)
+    q, g = np.flatnonzero(first), np.flatnonzero(out & ~first)
+    return np.flatnonzero(~out), (q, ids[q], qcam[q]), (g, ids[g], gcam[g])
+
 # %% ../nbs/03_pretrain.ipynb #0fd3a909
 LOSS_KEYS = ("loss", "loss_cls", "loss_proto", "loss_inst", "acc_inst", "acc_cls")
 
@@ -227,8 +256,13 @@ def build_data(cfg, rank=0, world_size=1, cuda=False, defer=None):
     defer = cuda if defer is None else defer
     views = TwoViewTransform(*(make[v](cfg.img_size, defer=defer) for v in resolve_config(cfg).views.split(",")))
     dataset = LMDBDataset(data_root, views, return_index=True)
-    sampler = DistributedShuffleSampler(dataset, seed=cfg.seed)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size // world_size, sampler=sampler,
+    train_set = dataset
+    if cfg.val_ids:                                                   # held-out identities: a validation benchmark
+        keep, query, gallery = held_out_split(dataset, cfg.val_ids)
+        train_set = torch.utils.data.Subset(dataset, keep)           # items keep their index into the whole dataset
+        dataset.val = [HeldOut(data_root, *part, cfg.img_size) for part in (query, gallery)]
+    sampler = DistributedShuffleSampler(train_set, seed=cfg.seed)
+    loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.batch_size // world_size, sampler=sampler,
                                          num_workers=cfg.workers, pin_memory=cuda, drop_last=True)
     if len(loader) == 0: raise ValueError(f"{data_root}: {len(dataset)} images make no batch of {cfg.batch_size}")
     return dataset, sampler, loader, bench
@@ -359,6 +393,14 @@ def train_one_epoch(run, epoch):
     return dict(epoch=epoch, lr=lr, **{k: v / (len(loader) * run.world_size) for k, v in zip(LOSS_KEYS, losses)},
                 skipped_images=int(skipped), epoch_time=time.time() - t0)
 
+# %% ../nbs/03_pretrain.ipynb #14554080
+def validation_scores(run):
+    "Retrieval on the identities `--val_ids` held out of the training data: `val_mAP`, `val_rank1` (for model selection)."
+    kw = dict(batch_size=64, num_workers=run.cfg.workers)
+    q, g = (torch.utils.data.DataLoader(d, **kw) for d in run.dataset.val)
+    s = evaluate(run.model.backbone, q, g, size=run.cfg.img_size, device=run.device, amp=run.amp, progress=False)
+    return dict(val_mAP=s["mAP"], val_rank1=s["rank1"])
+
 # %% ../nbs/03_pretrain.ipynb #0ba041ff
 PANELS = [("losses", ("loss", "loss_cls", "loss_proto", "loss_inst")), ("accuracy (%)", ("acc_cls", "acc_inst")),
           ("labels", ("purity_before", "purity", "bcubed_f_before", "bcubed_f", "fixable_frac")),
@@ -377,6 +419,7 @@ def end_epoch(run, epoch, row):
             scores = evaluate(run.model.backbone, run.bench, size=cfg.img_size, device=run.device, amp=run.amp,
                               num_workers=cfg.workers, progress=False)
             row.update({k: scores[k] for k in ("mAP", "rank1", "rank5")}, eval_time=time.time() - t1)
+            if cfg.val_ids: row.update(validation_scores(run))
         append_metrics(run.out_dir, row)
         save_checkpoint(dict(epoch=epoch + 1, model=run.model.state_dict(), optimizer=run.optimizer.state_dict(),
                              scaler=run.scaler.state_dict(), labels=run.labels.cpu(), config=asdict(cfg),
@@ -441,23 +484,28 @@ def launch(cfg, nproc):
 if __name__ == "__main__" and not IN_NOTEBOOK: main()
 
 # %% ../nbs/03_pretrain.ipynb #d3a63db5
-ABLATION = PRESETS
+ABLATION = {**{p: dict(preset=p) for p in PRESETS},          # row name -> its settings: the presets, and the extension
+            "pnl+inst_head": dict(preset="pnl", inst_head=True)}   # not in the reference, its own row
 TRACKER_NOISE = {k: inspect.signature(make_toy_dataset).parameters[k].default      # the built-in data's noise rates
                  for k in ("split", "switch", "merge", "flip", "junk")}
 
-def ablation_configs(cfg, presets=ABLATION, seeds=(0, 1, 2)):
-    "`{(preset, seed): config}`, each run in `out_dir/<preset>/seed<k>`, all on the same data files (the built-in data resolved once)."
+def ablation_configs(cfg, presets=tuple(ABLATION), seeds=(0, 1, 2), settings=None):
+    """`{(row, seed): config}` of the rows `presets` (names in `ABLATION`), each run in `out_dir/<row>/seed<k>`, all on the same
+    data files (the built-in data resolved once); `settings`: `{row: {field: value}}` chosen for a row (e.g. lr, epochs)."""
     if cfg.data is None or cfg.bench is None:
         toy = toy_dataset(progress=False)
         cfg = replace(cfg, data=cfg.data or str(toy.lmdb), bench=cfg.bench or str(toy.bench))
-    return {(p, s): replace(cfg, preset=p, seed=s, out_dir=str(Path(cfg.out_dir) / p / f"seed{s}")) for p in presets for s in seeds}
+    return {(p, s): replace(cfg, **ABLATION[p], **(settings or {}).get(p, {}), seed=s, out_dir=str(Path(cfg.out_dir) / p / f"seed{s}"))
+            for p in presets for s in seeds}
 
 def finished_rows(cfg):
     "The metrics rows of the run in `cfg.out_dir` if it finished all `cfg.epochs` epochs with this config, else None."
     out = Path(cfg.out_dir)
     rows = read_metrics(out)
     if len(rows) != cfg.epochs or not (out / "backbone.pth").exists(): return None
-    try: check_resumable(load_checkpoint(out / "checkpoint.pth"), resolve_config(cfg), out / "checkpoint.pth")
+    data = LMDBDataset(cfg.data) if cfg.data else None                 # the prototype momentum follows the data
+    try: check_resumable(load_checkpoint(out / "checkpoint.pth"), resolve_config(cfg, data and (len(data), data.num_classes)),
+                         out / "checkpoint.pth")
     except ValueError: return None                       # another run's settings: train afresh (resume='never')
     return rows
 
@@ -478,21 +526,54 @@ def _train_process(cfg):
                             stdout=f, stderr=subprocess.STDOUT, env=env).returncode
     if rc: raise RuntimeError(f"pre-training {cfg.preset} seed {cfg.seed} failed (exit {rc}): see {log}")
 
-def train_ablation(cfg, presets=ABLATION, seeds=(0, 1, 2), jobs=1):
-    "Train every (preset, seed) of `cfg` not yet finished, `jobs` processes at a time; one row per run plus a random-init row per seed (a DataFrame, also `out_dir/ablation.csv`)."
-    import pandas as pd
+def train_all(cfgs, jobs=1, desc="runs"):
+    "Train every config of the dict `cfgs` not yet finished, `jobs` one-thread processes at a time: `{key: metrics rows}`."
     from concurrent.futures import ThreadPoolExecutor
-    cfgs = ablation_configs(cfg, presets, seeds)
     done = {k: finished_rows(c) for k, c in cfgs.items()}
     todo = [c for k, c in cfgs.items() if done[k] is None]
     with ThreadPoolExecutor(max(1, jobs)) as pool:
-        list(tqdm(pool.map(_train_process, todo), total=len(todo), desc="ablation runs", disable=not todo))
-    rows = [dict(model=p, seed=s, **(done[p, s] or read_metrics(c.out_dir))[-1]) for (p, s), c in cfgs.items()]
+        list(tqdm(pool.map(_train_process, todo), total=len(todo), desc=desc, disable=not todo))
+    return {k: done[k] or read_metrics(c.out_dir) for k, c in cfgs.items()}
+
+# %% ../nbs/03_pretrain.ipynb #14afee85
+def train_ablation(cfg, presets=tuple(ABLATION), seeds=(0, 1, 2), jobs=1, settings=None):
+    """Train every (row, seed) of `cfg` not yet finished, `jobs` processes at a time, with each row's chosen `settings`
+    (`select_settings`); one row per run with the lr and epochs it got, plus a random-init row per seed (a DataFrame,
+    also `out_dir/ablation.csv`)."""
+    import pandas as pd
+    cfgs = ablation_configs(cfg, presets, seeds, settings)
+    runs = train_all(cfgs, jobs, "ablation runs")
+    rows = [dict(model=p, seed=s, lr_run=cfgs[p, s].lr, epochs_run=cfgs[p, s].epochs, **runs[p, s][-1]) for p, s in cfgs]
     base = next(iter(cfgs.values()))
     rows += [dict(model="random init", seed=s, **random_init_scores(replace(base, seed=s))) for s in seeds]
     table = pd.DataFrame(rows)
     table.to_csv(Path(cfg.out_dir) / "ablation.csv", index=False)
     return table
+
+# %% ../nbs/03_pretrain.ipynb #d1917027
+def search_configs(cfg, presets=tuple(ABLATION), lr_factors=(1, 3, 10), budgets=(6, 12, 24)):
+    "The model-selection grid `{(row, lr factor, epochs): config}`: seed 0, each row's scaled reference lr times each factor, each budget."
+    if not cfg.val_ids: raise ValueError("the search needs val_ids > 0: settings are chosen on held-out training identities, "
+                                         "never on the test benchmark")
+    out = {}
+    for (p, _), c in ablation_configs(cfg, presets, (0,)).items():
+        for f in lr_factors:
+            for e in budgets:
+                lr = resolve_config(replace(c, epochs=e)).lr * f
+                out[p, f, e] = replace(c, lr=lr, epochs=e, eval_every=0, out_dir=str(Path(cfg.out_dir) / "search" / p / f"lr{f}x_e{e}"))
+    return out
+
+def select_settings(cfg, presets=tuple(ABLATION), lr_factors=(1, 3, 10), budgets=(6, 12, 24), jobs=1):
+    "Train the grid and keep, per row, the (lr, epochs) of the best validation mAP: `({row: dict(lr=, epochs=)}, grid DataFrame)`."
+    import pandas as pd
+    grid = search_configs(cfg, presets, lr_factors, budgets)
+    runs = train_all(grid, jobs, "search runs")
+    table = pd.DataFrame([dict(model=p, lr_factor=f, epochs=e, lr=grid[p, f, e].lr, val_mAP=runs[p, f, e][-1]["val_mAP"])
+                          for p, f, e in grid])
+    best = table.sort_values(["val_mAP", "epochs"], ascending=[False, True]).groupby("model", sort=False).head(1)
+    best = best.set_index("model").loc[list(presets)].assign(at_cap=lambda b: b.epochs == max(budgets))
+    table.to_csv(Path(cfg.out_dir) / "search.csv", index=False)
+    return {p: dict(lr=float(b.lr), epochs=int(b.epochs)) for p, b in best.iterrows()}, best
 
 # %% ../nbs/03_pretrain.ipynb #5c6e68eb
 SUMMARY = ("mAP", "rank1", "emb_eff_rank", "corrected_frac", "correction_precision", "correction_recall",

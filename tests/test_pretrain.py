@@ -279,3 +279,30 @@ def test_faithful_recipe_scales_to_the_run(finished, tiny_lmdb):
     assert ckpt["config"]["proto_momentum"] == scaled_proto_momentum(RECIPES["pnl"], finished.epochs, len(ds) / ds.num_classes)
     assert ckpt["config"]["proto_momentum"] < 0.999 and not any(k.startswith("encoder_q.proj_inst") for k in ckpt["model"])
     assert build_data(finished)[0].transform.strong.sigma == blur_sigma(finished.img_size)
+
+
+def test_val_ids_hold_out_identities_for_model_selection(tmp_path, tiny_lmdb, tiny_bench, tiny_config):
+    "`--val_ids N`: N true identities leave the training data and form a validation benchmark scored at every evaluation."
+    from lupnl.data import LMDBDataset
+    from lupnl.pretrain import held_out_split, build_data
+    ds = LMDBDataset(tiny_lmdb)
+    true = np.asarray(ds.meta["true_pids"])
+    keep, (qi, qp, qc), (gi, gp, gc) = held_out_split(ds, 3)
+    held = set(qp.tolist())
+    assert len(held) == 3 and not held & set(true[keep].tolist()) and set(gp.tolist()) <= held
+    assert sorted(np.concatenate([keep, qi, gi]).tolist()) == list(range(len(ds)))
+    assert held_out_split(ds, 3)[0].tolist() == keep.tolist()                              # the same draw every run
+    cfg = tiny_config(tiny_lmdb, tiny_bench, tmp_path / "run", 1, val_ids=3, monitor_size=0)
+    _, sampler, loader, _ = build_data(cfg)
+    assert len(sampler) == len(keep)
+    rows = train(cfg)
+    assert 0 <= rows[-1]["val_mAP"] <= 100 and "mAP" in rows[-1]
+    with pytest.raises(ValueError, match="val_ids=500"): held_out_split(ds, 500)
+
+
+def test_help_shows_val_ids_and_inst_head_off(env):
+    res = subprocess.run([sys.executable, "-m", "lupnl.pretrain", "--help"], env=env, capture_output=True, text=True, check=True)
+    text = " ".join(res.stdout.split())
+    assert "--val-ids VAL_IDS hold out this many identities" in text
+    inst = text.split("--inst-head INST_HEAD", 1)[1][:200]
+    assert inst.startswith(" extension, not in the reference") and "(default: False;" in inst
