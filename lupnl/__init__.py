@@ -15,3 +15,7 @@ def __getattr__(name):
         from lupnl.checkpoints import load_model
         return load_model
     raise AttributeError(f"module 'lupnl' has no attribute {name!r}")
+
+def __dir__():
+    "What `dir(lupnl)` and tab completion show: the module's names and the lazy `load_model`."
+    return sorted({*globals(), *_all_})

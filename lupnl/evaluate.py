@@ -9,17 +9,11 @@ __all__ = ['METRICS', 'MIN_SPREAD', 'cli_parser', 'extract_features', 'compute_d
 
 # %% ../nbs/05_evaluate.ipynb #9fa4f417
 import argparse, sys
-
-def _hw(text):
-    "argparse type for a crop size: '256x128' or '256,128' -> (256, 128)."
-    try: h, w = (int(v) for v in str(text).lower().replace("x", ",").split(","))
-    except ValueError: raise argparse.ArgumentTypeError(f"expected HxW such as 256x128, got {text!r}") from None
-    if h < 1 or w < 1: raise argparse.ArgumentTypeError(f"crop size must be positive, got {text!r}")
-    return h, w
+from .runs import JobParser, size_arg, user_errors   # numpy, not torch
 
 def cli_parser():
     "The parser of `python -m lupnl.evaluate` (argparse only: it answers `--help` before torch is imported)."
-    p = argparse.ArgumentParser(prog="python -m lupnl.evaluate", description=(
+    p = JobParser(prog="python -m lupnl.evaluate", description=(
         "Evaluate a lupnl checkpoint (pre-training, fine-tuning or exported backbone) or an ONNX re-ID model on a "
         "benchmark: mAP, mINP and rank-1/5/10 in percent, standard protocol (same-identity same-camera gallery images "
         "removed), at the checkpoint's crop size."),
@@ -27,7 +21,7 @@ def cli_parser():
     p.add_argument("checkpoint", help="checkpoint.pth of a pre-training or fine-tuning run, backbone.pth (or .safetensors), or a .onnx model")
     p.add_argument("--data", metavar="BENCH", help="benchmark folder in any layout lupnl.data.read_benchmark reads (Market-1501, "
                    "DukeMTMC, CUHK03-NP, CUHK03 pairs, MSMT17, MARS); default: the run's own benchmark, else the built-in one")
-    p.add_argument("--size", type=_hw, metavar="HxW", help="crop size, e.g. 256x128; default: the checkpoint's (256x128 when it does not say)")
+    p.add_argument("--size", type=size_arg, metavar="HxW", help="crop size, e.g. 256x128; default: the checkpoint's (256x128 when it does not say)")
     p.add_argument("--flip", action="store_true", help="average each feature with its mirror image's (test-time flip)")
     p.add_argument("--metric", choices=("cosine", "euclidean"), default="cosine", help="distance (default: cosine)")
     p.add_argument("--ap", choices=("standard", "market"), default="standard",
@@ -37,6 +31,7 @@ def cli_parser():
     p.add_argument("--batch-size", type=int, default=64, help="images per batch (default: 64)")
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default: 0)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error (default: one line that names it)")
     return p
 
 # %% ../nbs/05_evaluate.ipynb #177e0f78
@@ -641,5 +636,4 @@ def main(argv=None):
 # %% ../nbs/05_evaluate.ipynb #f4ab4efc
 #| eval: false
 if __name__ == "__main__" and not IN_NOTEBOOK:
-    try: main(_cli_args)
-    except _USER_ERRORS as e: sys.exit(f"python -m lupnl.evaluate: error: {_one_line(e)}")  # bad file, data or option: one line, exit 1
+    with user_errors("python -m lupnl.evaluate", _cli_args.debug): main(_cli_args)   # a bad file or data: one line, exit status 2

@@ -235,6 +235,8 @@ def train_one_epoch(run, epoch):
                 epoch_time=time.time() - t0)
 
 # %% ../nbs/04_finetune.ipynb #5a2eb9e6
+from .runs import save_metrics_plot
+
 PANELS = [("losses", ("loss", "loss_ce", "loss_triplet")), ("train accuracy / retrieval (%)", ("acc_cls", "mAP", "rank1", "mINP")),
           ("learning rate", ("lr",))]
 
@@ -260,17 +262,18 @@ def train(cfg):
             row = train_one_epoch(run, epoch)
             end_epoch(run, epoch, row)
         rows = read_metrics(run.out_dir)
-        fig = plot_log(run.out_dir, PANELS)
-        fig.savefig(run.out_dir / "curves.png", dpi=100, bbox_inches="tight")
-        import matplotlib.pyplot as plt; plt.close(fig)
+        save_metrics_plot(run.out_dir, PANELS, "curves.png")           # also a TensorBoard image
         log_line(run.out_dir, f"done: {len(rows)} epochs; corrupt images skipped: {sum(r.get('skipped_images') or 0 for r in rows)}")
         return run.model.eval(), rows
     finally: lock.close()
 
 # %% ../nbs/04_finetune.ipynb #fd3fe724
+from .runs import job_main
+
 def main(argv=None):
-    "Entry point of `python -m lupnl.finetune`: flags -> `FinetuneConfig` -> `train`."
-    train(parse_config(argv))
+    """Entry point of `python -m lupnl.finetune`: flags -> `FinetuneConfig` -> `train`. A user error is one line and
+    exit status 2 (`--debug`: its traceback), and leaves no out_dir (`lupnl.runs.job_main`)."""
+    return job_main(_PROG, parse_config, train, argv)
 
 # %% ../nbs/04_finetune.ipynb #f404e4e2
 #| eval: false

@@ -402,6 +402,8 @@ def validation_scores(run):
     return dict(val_mAP=s["mAP"], val_rank1=s["rank1"])
 
 # %% ../nbs/03_pretrain.ipynb #0ba041ff
+from .runs import save_metrics_plot
+
 PANELS = [("losses", ("loss", "loss_cls", "loss_proto", "loss_inst")), ("accuracy (%)", ("acc_cls", "acc_inst")),
           ("labels", ("purity_before", "purity", "bcubed_f_before", "bcubed_f", "fixable_frac")),
           ("correction", ("corrected_frac", "correction_precision", "correction_recall")),
@@ -429,15 +431,13 @@ def end_epoch(run, epoch, row):
     if run.world_size > 1: dist.barrier()
 
 def finish_run(run):
-    "Rank 0: `backbone.pth` + `backbone.safetensors`, `metrics.png` and a summary line; the rows of `metrics.jsonl` (`[]` on other ranks)."
+    "Rank 0: `backbone.pth` + `backbone.safetensors`, `metrics.png` (also in TensorBoard) and a summary line; the rows of `metrics.jsonl` (`[]` on other ranks)."
     if run.cfg.dump_state:
         save_checkpoint(dict(model=run.model.state_dict(), labels=run.labels.cpu()), run.out_dir / f"state_rank{run.rank}.pth")
     if run.rank != 0: return []
     save_backbone(run.model, run.out_dir)      # backbone.pth and backbone.safetensors, torchvision / timm names
     rows = read_metrics(run.out_dir)
-    fig = plot_log(run.out_dir, PANELS)
-    fig.savefig(run.out_dir / "metrics.png", dpi=100, bbox_inches="tight")
-    import matplotlib.pyplot as plt; plt.close(fig)
+    save_metrics_plot(run.out_dir, PANELS, "metrics.png")
     skipped = sum(r.get("skipped_images") or 0 for r in rows)
     print(f"done: {len(rows)} epochs in {run.out_dir}; corrupt images skipped: {skipped}" +
           (f" (see the warnings; {skipped / (len(rows) * len(run.dataset)):.2%} of the images read)" if skipped else ""), flush=True)
@@ -464,9 +464,12 @@ def train(cfg):
         if lock is not None: lock.close()
 
 # %% ../nbs/03_pretrain.ipynb #4c91e27b
+from .runs import job_main
+
 def main(argv=None):
-    "Entry point of `python -m lupnl.pretrain` / `torchrun -m lupnl.pretrain`: flags -> `PretrainConfig` -> `train`."
-    train(parse_config(argv))
+    """Entry point of `python -m lupnl.pretrain` / `torchrun -m lupnl.pretrain`: flags -> `PretrainConfig` -> `train`.
+    A user error is one line and exit status 2 (`--debug`: its traceback), and leaves no out_dir (`lupnl.runs.job_main`)."""
+    return job_main("python -m lupnl.pretrain", parse_config, train, argv)
 
 def torchrun_command(cfg, nproc):
     "The `torchrun --nproc-per-node nproc -m lupnl.pretrain ...` command (a list) for `cfg`."

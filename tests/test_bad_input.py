@@ -52,6 +52,9 @@ def test_resume_may_extend_epochs(finished, tmp_path):
     rows = train(replace(cfg, epochs=2, eval_every=1, workers=0))
     assert [r["epoch"] for r in rows] == [0, 1]
     assert load_checkpoint(Path(cfg.out_dir) / "checkpoint.pth")["config"]["epochs"] == 2
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator   # issue 22: TensorBoard follows
+    acc = EventAccumulator(cfg.out_dir); acc.Reload()                                     # (a second event file)
+    assert [e.step for e in acc.Scalars("loss")] == [0, 1] and [i.step for i in acc.Images("metrics")] == [0, 1]
 
 
 def test_resume_refuses_cosine_with_other_epochs(tiny_lmdb, tiny_bench, tmp_path, tiny_config):

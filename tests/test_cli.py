@@ -45,16 +45,19 @@ def test_job_help_imports_no_torch(job, flag):
 
 
 def test_bad_flags_and_files_give_one_line_errors(tmp_path):
+    "A bad flag: usage and the error (argparse); a bad file: one line. Both exit 2 without a traceback (lupnl.runs.user_errors)."
     res = cli("x.pth", "--size", "256")
     assert res.returncode == 2 and "expected HxW" in res.stderr and "Traceback" not in res.stderr
     res = cli(tmp_path / "missing.pth")
-    assert res.returncode == 1 and "missing.pth" in res.stderr and "Traceback" not in res.stderr, res.stderr
+    assert res.returncode == 2 and "missing.pth" in res.stderr and "Traceback" not in res.stderr, res.stderr
     (tmp_path / "empty.pth").write_bytes(b"")
     res = cli(tmp_path / "empty.pth")
-    assert res.returncode == 1 and "empty (0 bytes)" in res.stderr and "Traceback" not in res.stderr, res.stderr
+    assert res.returncode == 2 and "empty (0 bytes)" in res.stderr and "Traceback" not in res.stderr, res.stderr
     (tmp_path / "notes.pth").write_text("hello")
     res = cli(tmp_path / "notes.pth")
-    assert res.returncode == 1 and "cannot read checkpoint" in res.stderr and "notes.pth" in res.stderr, res.stderr
+    assert res.returncode == 2 and "cannot read checkpoint" in res.stderr and "notes.pth" in res.stderr, res.stderr
+    res = cli(tmp_path / "notes.pth", "--debug")                          # the traceback, for a bug report
+    assert res.returncode == 1 and "Traceback" in res.stderr and "cannot read checkpoint" in res.stderr, res.stderr[-2000:]
 
 
 @pytest.fixture(scope="module")
@@ -128,3 +131,61 @@ def test_onnx_model_on_real_market(shared_data):
     r = json.loads(res.stdout)
     assert r["kind"] == "onnx" and r["img_size"] == [256, 128] and r["num_valid"] == 30
     assert abs(r["mAP"] - 75.93) <= 0.05 and abs(r["rank1"] - 70.0) <= 0.5
+
+
+# ---- issue 22: the jobs' command lines share lupnl.runs' parser (JobParser) and error handling (job_main, user_errors)
+
+def job(name, *args, cwd=REPO):
+    "`python -m lupnl.<name> args...` in `cwd`."
+    return subprocess.run([sys.executable, "-m", f"lupnl.{name}", *map(str, args)], cwd=cwd, env=ENV, capture_output=True,
+                          text=True, timeout=600)
+
+
+@pytest.mark.parametrize("name, typo, meant", [("pretrain", "--epohcs", "--epochs"), ("finetune", "--epohcs", "--epochs"),
+                                               ("evaluate", "--szie", "--size")])
+def test_misspelt_flag_names_the_nearest(name, typo, meant):
+    "A misspelt flag exits 2 naming the nearest valid one, in two lines (a one-line usage, not the 40 flags of --help)."
+    res = job(name, *(["x.pth"] if name == "evaluate" else []), typo, "3")
+    assert res.returncode == 2 and f"unrecognized arguments: {typo} 3 (did you mean {meant}?)" in res.stderr, res.stderr
+    assert len(res.stderr.splitlines()) == 2, res.stderr
+
+
+def test_user_errors_are_one_line_and_leave_no_out_dir(tmp_path):
+    "A user error: one line (at most 3 with argparse's usage), exit 2, no traceback, and no out_dir left by the failed run."
+    res = job("pretrain", "--img_size", "128", "--out_dir", tmp_path / "D", cwd=tmp_path)      # the issue's done-when
+    assert res.returncode == 2 and len(res.stderr.splitlines()) <= 3, res.stderr
+    assert "--img_size/--img-size: expected HxW such as 256x128, got '128'" in res.stderr and not (tmp_path / "D").exists()
+    # after the out_dir was made (and locked): the folders the run created go again
+    res = job("pretrain", "--data", tmp_path / "nowhere", "--out_dir", tmp_path / "runs" / "D", cwd=tmp_path)
+    assert res.returncode == 2 and res.stderr.splitlines() == [
+        f"python -m lupnl.pretrain: error: LMDB folder not found: {tmp_path / 'nowhere'}"], res.stderr
+    assert not (tmp_path / "runs").exists()
+    (tmp_path / "a_file").write_text("")
+    res = job("finetune", "--out_dir", tmp_path / "a_file", cwd=tmp_path)
+    assert res.returncode == 2 and res.stderr.splitlines() == [
+        f"python -m lupnl.finetune: error: cannot create or write out_dir {tmp_path / 'a_file'}: file exists "
+        "(a file is in the way: out_dir must be a folder's path)"], res.stderr
+    (tmp_path / "mine").mkdir()                                          # a folder the user made: kept
+    res = job("finetune", "--data", tmp_path / "nowhere", "--out_dir", tmp_path / "mine", cwd=tmp_path)
+    assert res.returncode == 2 and len(res.stderr.splitlines()) == 1 and "nowhere" in res.stderr, res.stderr
+    assert (tmp_path / "mine").is_dir()
+    res = job("finetune", "--data", tmp_path / "nowhere", "--out_dir", tmp_path / "F", "--debug", cwd=tmp_path)
+    assert res.returncode == 1 and "Traceback" in res.stderr and "nowhere" in res.stderr and not (tmp_path / "F").exists()
+
+
+def test_img_size_reads_and_shows_hxw_and_flip_is_a_switch():
+    "`--img_size` shows its default as HxW and reads HxW or H,W; finetune's `--flip` is a switch, as evaluate's, and still takes true/false."
+    import lupnl.finetune as ft, lupnl.pretrain as pre
+    for mod, default in ((pre, "32x16"), (ft, "64x32")):
+        text = " ".join(mod.config_parser().format_help().split())
+        assert f"--img_size HxW, --img-size HxW (height, width) of the crops, e.g. 256x128 (default: {default};" in text, text
+        assert [mod.parse_config(["--img_size", s]).img_size for s in ("256x128", "256,128")] == [(256, 128)] * 2
+    assert [ft.parse_config(a).flip for a in ([], ["--flip"], ["--flip", "true"], ["--flip", "false"])] == [False, True, True, False]
+    assert ft.parse_config(["--flip", "--epochs", "2"]).epochs == 2      # a switch does not swallow the next flag
+
+
+def test_load_model_is_in_dir_lupnl():
+    "`lupnl.load_model` (imported on first use) is listed by dir(lupnl), so tab completion finds it; importing lupnl loads no torch."
+    probe = "import sys, lupnl; print('load_model' in dir(lupnl), '__version__' in dir(lupnl), 'torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=ENV, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["True", "True", "False"], out.stdout + out.stderr

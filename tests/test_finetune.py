@@ -230,6 +230,14 @@ def test_vit_refusals(tmp_path):
                           "--out_dir", str(tmp_path / "x")], capture_output=True, text=True, cwd=tmp_path)
     assert bad.returncode != 0 and "use --model bot" in bad.stderr and not (tmp_path / "x").exists()
 
+def test_tensorboard_events(ft_finished):
+    "Issue 22: fine-tuning logs each epoch's numbers and its curves.png to TensorBoard in its out_dir, beside metrics.jsonl."
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(ft_finished.out_dir); acc.Reload()
+    assert {"loss", "loss_ce", "loss_triplet", "acc_cls", "lr", "mAP", "rank1", "mINP"} <= set(acc.Tags()["scalars"])
+    assert [e.step for e in acc.Scalars("mAP")] == [0] and [i.step for i in acc.Images("curves")] == [0]
+
+
 # ---------------------------------------------------------------- resume
 
 @pytest.mark.slow

@@ -105,3 +105,23 @@ def test_each_notebook_runs_once_per_ci():
     assert not nb & pm, f"run twice, by nbdev_test and by papermill in tests/: {sorted(nb & pm)}"
     never = {p.name for p in NOTEBOOKS} - nb - pm
     assert not never, f"never executed: {sorted(never)}"
+
+
+# ---- papermill reads every line of a parameters cell (issue 22: `lr: ... # ... = 0.0167 ...` was skipped)
+def _parameters_cell(path):
+    return next((c for c in json.loads(path.read_text())["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])), None)
+
+
+@pytest.mark.parametrize("path", [p for p in NOTEBOOKS if _parameters_cell(p)], ids=lambda p: p.name)
+def test_papermill_parses_every_parameter(path, caplog):
+    "papermill's parser (`--help-notebook`, `-p` name checks) finds every parameter of the cell, and warns about no line."
+    import logging
+    from typing import Optional
+    from papermill.translators import PythonTranslator
+    src = "".join(_parameters_cell(path)["source"])
+    with caplog.at_level(logging.WARNING):
+        names = [p.name for p in PythonTranslator.inspect({"source": src})]
+    assert not caplog.records, [r.getMessage() for r in caplog.records]
+    ns = {"Optional": Optional}
+    exec(src, ns)
+    assert names == [k for k in ns if k not in ("__builtins__", "__annotations__", "Optional")]

@@ -45,10 +45,13 @@ def test_parameters_cell_is_the_config():
 @pytest.mark.slow
 def test_papermill_defaults(tmp_path, env):
     "The README's main command: papermill with default parameters, built-in data generated from scratch (its time is printed, not asserted)."
-    out = tmp_path / "run"
+    out, tmp = tmp_path / "run", tmp_path / "tmpdir"
+    tmp.mkdir()
     t0 = time.time()
-    subprocess.run([sys.executable, "-m", "papermill", "nbs/03_pretrain.ipynb", str(tmp_path / "out.ipynb"),
-                    "-p", "out_dir", str(out), "--log-level", "WARNING"], cwd=REPO, env=env, check=True)
+    res = subprocess.run([sys.executable, "-m", "papermill", "nbs/03_pretrain.ipynb", str(tmp_path / "out.ipynb"),
+                          "-p", "out_dir", str(out), "--log-level", "WARNING"], cwd=REPO, env={**env, "TMPDIR": str(tmp)},
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
     minutes = (time.time() - t0) / 60
     print(f"papermill with defaults (including generating the toy data): {minutes:.2f} min")
     assert (Path(env["LUPNL_DATA"]) / "toy" / "toy.json").exists()    # it generated the built-in data
@@ -63,6 +66,13 @@ def test_papermill_defaults(tmp_path, env):
     assert ckpt["epoch"] == cfg.epochs and ckpt["config"]["out_dir"] == str(out)
     check_backbone(out / "backbone.pth", cfg.arch)
     assert (out / "metrics.png").stat().st_size > 0
+    # issue 22: every parameters line parsed; one figure in out_dir (no copy); TensorBoard events; nothing left in TMPDIR
+    assert "Unable to parse" not in res.stdout + res.stderr, res.stderr[-3000:]
+    assert sorted(p.name for p in out.glob("*.png")) == ["metrics.png"]
+    assert list(out.glob("events.out.tfevents.*"))
+    # torch itself makes an empty torchinductor_<user> cache folder in TMPDIR when torchvision imports torch._dynamo
+    left = sorted(p.name for p in tmp.iterdir() if not (p.name.startswith("torchinductor_") and not any(p.iterdir())))
+    assert left == [], f"the run left files in TMPDIR: {left}"
 
 
 @pytest.mark.slow
@@ -165,6 +175,22 @@ def test_notebook_switch_is_not_overwritten():
         try: exec(code, ns)
         finally: os.environ.pop("IN_TEST", None)
         assert ns["run_ablation"] is expected, (given, env_in_test)
+
+
+def test_tensorboard_events_beside_the_metrics(finished):
+    """Issue 22: a 1-epoch run writes TensorBoard event files in its out_dir: each number of its metrics.jsonl row as a
+    scalar at step epoch, and its figure (metrics.png, the only PNG there) as an image."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    out = Path(finished.out_dir)
+    assert list(out.glob("events.out.tfevents.*")) and sorted(p.name for p in out.glob("*.png")) == ["metrics.png"]
+    acc = EventAccumulator(str(out)); acc.Reload()
+    [row] = read_metrics(out)
+    numbers = {k for k, v in row.items() if k != "epoch" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+    assert {"loss", "lr", "mAP", "purity", "epoch_time"} <= numbers and set(acc.Tags()["scalars"]) == numbers
+    for k in numbers:
+        [e] = acc.Scalars(k)
+        assert e.step == 0 and e.value == pytest.approx(row[k], rel=1e-5, abs=1e-6), k
+    assert [i.step for i in acc.Images("metrics")] == [0]
 
 
 def test_backbone_safetensors(finished, tiny_lmdb, tiny_bench, tiny_config):
