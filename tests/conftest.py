@@ -72,10 +72,11 @@ def tiny_config():
     "`make(data, bench, out_dir, epochs, **kwargs)`: a PretrainConfig of seconds per epoch on `tiny_lmdb` / `tiny_bench`."
     from lupnl.pretrain import PretrainConfig
     def make(data, bench, out_dir, epochs, **kwargs):
-        "32x16 crops, global batch 16, correction and label guidance from epoch 1, evaluation at the end only."
+        """32x16 crops, global batch 16, correction and label guidance from epoch 1, evaluation at the end only; the schedule
+        and the prototype momentum given, so that a resume may extend the epochs."""
         return PretrainConfig(**{**dict(data=str(data), bench=str(bench), out_dir=str(out_dir), epochs=epochs, batch_size=16,
                                         img_size=(32, 16), lr=0.03, lr_steps=(), queue_size=64, correct_start=1,
-                                        label_guided_start=1, eval_every=0), **kwargs})
+                                        label_guided_start=1, eval_every=0, proto_momentum=0.9), **kwargs})
     return make
 
 

@@ -539,7 +539,7 @@ def cli(*args, timeout=600):
 
 def _one_line_error(res, *texts):
     err = res.stderr.strip()
-    assert res.returncode == 1 and "Traceback" not in err and len(err.splitlines()) == 1, res.stderr[-3000:]
+    assert res.returncode == 2 and "Traceback" not in err and len(err.splitlines()) == 1, res.stderr[-3000:]
     assert err.startswith("python -m lupnl.evaluate: error: ") and all(t in err for t in texts), err
     return err
 

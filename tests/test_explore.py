@@ -77,7 +77,12 @@ def test_owners_purity_and_compare_against_brute_force():
         wrong = real & ~ok_b
         c = compare_labelings(true, before, after)
         assert c["n_changed"] == changed.sum() and c["changed"] == pytest.approx(changed.mean())
-        assert c["precision"] == pytest.approx((changed & ok_a).sum() / changed.sum())
+        # every changed image is exactly one of: fix, neutral (junk, or right -> right), broken, wrong -> wrong
+        kinds = [sum(1 for i in np.flatnonzero(changed) if f(i)) for f in (
+            lambda i: real[i] and not ok_b[i] and ok_a[i], lambda i: not real[i] or (ok_b[i] and ok_a[i]),
+            lambda i: real[i] and ok_b[i] and not ok_a[i], lambda i: real[i] and not ok_b[i] and not ok_a[i])]
+        assert [c["n_fixed"], c["n_neutral"], c["n_broken"], c["n_wrong_to_wrong"]] == kinds and sum(kinds) == changed.sum()
+        assert c["precision"] == pytest.approx(kinds[0] / changed.sum())
         assert c["recall"] == pytest.approx((wrong & ok_a).sum() / wrong.sum())
         assert c["purity_before"] == pytest.approx(ok_b[real].mean())
         own_a = _brute_owner(after.tolist(), true.tolist())

@@ -294,17 +294,17 @@ def test_metrics_rows_score_every_move(finished):
     if row["n_corrected"]: assert row["correction_precision"] == row["n_fixed"] / row["n_corrected"]
 
 
-def test_faithful_recipe_scales_to_the_run(finished, tiny_lmdb):
+def test_faithful_recipe_scales_to_the_run(tmp_path, tiny_lmdb, tiny_bench, tiny_config):
     "`--preset pnl` with defaults: one head, the prototype momentum scaled to the run's updates per label, the blur to the crop."
-    from lupnl.checkpoints import load_checkpoint
     from lupnl.data import LMDBDataset
-    from lupnl.pretrain import RECIPES, scaled_proto_momentum, blur_sigma, build_data
-    ckpt = load_checkpoint(Path(finished.out_dir) / "checkpoint.pth")
+    from lupnl.pretrain import RECIPES, scaled_proto_momentum, blur_sigma, start_run
+    cfg = tiny_config(tiny_lmdb, tiny_bench, tmp_path / "run", 6, proto_momentum=None)
+    assert cfg.inst_head is False and PretrainConfig().proto_momentum is None
+    run = start_run(cfg)
     ds = LMDBDataset(tiny_lmdb)
-    assert finished.proto_momentum is None and finished.inst_head is False
-    assert ckpt["config"]["proto_momentum"] == scaled_proto_momentum(RECIPES["pnl"], finished.epochs, len(ds) / ds.num_classes)
-    assert ckpt["config"]["proto_momentum"] < 0.999 and not any(k.startswith("encoder_q.proj_inst") for k in ckpt["model"])
-    assert build_data(finished)[0].transform.strong.sigma == blur_sigma(finished.img_size)
+    assert run.cfg.proto_momentum == scaled_proto_momentum(RECIPES["pnl"], 6, len(ds) / ds.num_classes) < 0.999
+    assert run.model.proto_m == run.cfg.proto_momentum and getattr(run.model.encoder_q, "proj_inst", None) is None
+    assert run.dataset.transform.strong.sigma == blur_sigma(cfg.img_size)
 
 
 def test_val_ids_hold_out_identities_for_model_selection(tmp_path, tiny_lmdb, tiny_bench, tiny_config):
@@ -330,5 +330,5 @@ def test_help_shows_val_ids_and_inst_head_off(env):
     res = subprocess.run([sys.executable, "-m", "lupnl.pretrain", "--help"], env=env, capture_output=True, text=True, check=True)
     text = " ".join(res.stdout.split())
     assert "--val-ids VAL_IDS hold out this many identities" in text
-    inst = text.split("--inst-head INST_HEAD", 1)[1][:200]
+    inst = text.split("--inst-head [INST_HEAD]", 1)[1][:200]
     assert inst.startswith(" extension, not in the reference") and "(default: False;" in inst
