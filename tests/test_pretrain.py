@@ -286,10 +286,10 @@ def test_ddp_no_instance_preset(tmp_path, env, tiny_lmdb, tiny_bench, tiny_confi
 
 def test_metrics_rows_score_every_move(finished):
     "Each epoch's row splits the changed labels into fixes, neutral and broken ones, and gives the recall per noise kind."
-    from lupnl.noise import NOISE_KINDS
+    from lupnl.noise import WRONG_KINDS
     row = read_metrics(finished.out_dir)[-1]
     assert {"n_fixed", "n_neutral", "n_broken", "n_corrected"} <= set(row), sorted(row)
-    assert {f"recall_{k}" for k in NOISE_KINDS[1:]} <= set(row), sorted(row)
+    assert {f"recall_{k}" for k in WRONG_KINDS} <= set(row) and "recall_junk" not in row, sorted(row)
     assert row["n_fixed"] + row["n_neutral"] + row["n_broken"] <= row["n_corrected"]
     if row["n_corrected"]: assert row["correction_precision"] == row["n_fixed"] / row["n_corrected"]
 
