@@ -5,9 +5,9 @@
 # %% auto #0
 __all__ = ['LABEL_FIELDS', 'PER_IMAGE_FIELDS', 'INT_FIELDS', 'IMG_EXTS', 'Item', 'DataError', 'DataNotFoundError',
            'UnsafePickleError', 'MissingKeyError', 'CorruptImageError', 'load_keys', 'write_lmdb',
-           'write_lmdb_from_folder', 'LMDBDataset', 'Benchmark', 'read_market1501', 'read_dukemtmc', 'read_cuhk03_np',
-           'read_msmt17', 'read_cuhk03_pairs', 'read_mars', 'read_benchmark', 'ImageDataset', 'subset_identities',
-           'subset_shots']
+           'write_lmdb_from_folder', 'LMDBDataset', 'LMDBCrops', 'Benchmark', 'read_market1501', 'read_dukemtmc',
+           'read_cuhk03_np', 'read_msmt17', 'read_cuhk03_pairs', 'read_mars', 'read_benchmark', 'ImageDataset',
+           'subset_identities', 'subset_shots']
 
 # %% ../nbs/00_data.ipynb #a60ca154
 import io, os, re, json, math, pickle, shutil, uuid, time, warnings
@@ -384,6 +384,17 @@ def __getitem__(self:LMDBDataset, i):
 @patch
 def __repr__(self:LMDBDataset):
     return f"LMDBDataset({str(self.root)!r}: {len(self)} images, {self.num_classes} classes from '{self.label_field}')"
+
+# %% ../nbs/00_data.ipynb #ac37a0ca
+class LMDBCrops(Dataset):
+    "Crops `index` of an LMDB as `(image, pid, camid)` for retrieval or feature extraction (defaults: all crops, their labels, camera 0)."
+    def __init__(self, root, transform=None, index=None, pids=None, camids=None):
+        self.data = LMDBDataset(root, transform)
+        self.index = np.arange(len(self.data)) if index is None else np.asarray(index)
+        self.pids = self.data.labels[self.index] if pids is None else np.asarray(pids)
+        self.camids = np.zeros(len(self.index), np.int64) if camids is None else np.asarray(camids)
+    def __len__(self): return len(self.index)
+    def __getitem__(self, i): return self.data[int(self.index[i])][0], int(self.pids[i]), int(self.camids[i])
 
 # %% ../nbs/00_data.ipynb #38b4661a
 Item = namedtuple("Item", "path pid camid")

@@ -6,11 +6,11 @@
 __all__ = ['PRESETS', 'ARCH_CHOICES', 'VIEWS', 'RECIPES', 'BLUR_SIGMA', 'BLUR_HEIGHT', 'config_parser', 'parse_config',
            'LOSS_KEYS', 'PANELS', 'ABLATION', 'TRACKER_NOISE', 'SUMMARY', 'PretrainMethod', 'PretrainConfig',
            'scaled_proto_momentum', 'blur_sigma', 'resolve_config', 'LARS', 'build_optimizer', 'label_scores',
-           'HeldOut', 'held_out_split', 'build_model', 'trunk_kwargs', 'strong_view', 'weak_view', 'build_data',
-           'monitor_sample', 'monitor_row', 'PretrainRun', 'start_run', 'check_resumable_recipe', 'resume',
-           'device_views', 'train_one_epoch', 'validation_scores', 'end_epoch', 'finish_run', 'train', 'main',
-           'torchrun_command', 'launch', 'ablation_configs', 'finished_rows', 'random_init_scores', 'train_all',
-           'train_ablation', 'search_configs', 'select_settings', 'summarize_ablation', 'plot_ablation']
+           'held_out_split', 'build_model', 'trunk_kwargs', 'strong_view', 'weak_view', 'build_data', 'monitor_sample',
+           'monitor_row', 'PretrainRun', 'start_run', 'check_resumable_recipe', 'resume', 'device_views',
+           'train_one_epoch', 'validation_scores', 'end_epoch', 'finish_run', 'train', 'main', 'torchrun_command',
+           'launch', 'ablation_configs', 'finished_rows', 'random_init_scores', 'train_all', 'train_ablation',
+           'search_configs', 'select_settings', 'summarize_ablation', 'plot_ablation']
 
 # %% ../nbs/03_pretrain.ipynb #2e591967
 import copy, inspect, math, os, shlex, subprocess, sys, time
@@ -145,7 +145,7 @@ from tqdm.auto import tqdm
 from torch.utils.data import DataLoader
 
 from .toy import toy_dataset, make_toy_dataset
-from .data import LMDBDataset
+from .data import LMDBDataset, LMDBCrops
 from .transforms import TwoViewTransform, reid_train_transform, reid_test_transform, pretrain_strong_transform
 from .samplers import DistributedShuffleSampler
 from .noise import correction_scores
@@ -193,14 +193,6 @@ def label_scores(run):
     return correction_scores(run.noisy.numpy(), run.labels.cpu().numpy(), run.true, run.dataset.meta.get("noise_kinds"))
 
 # %% ../nbs/03_pretrain.ipynb #8edef725
-class HeldOut(torch.utils.data.Dataset):
-    "Crops `index` of an LMDB as `(image, identity, camera)` for retrieval: the validation benchmark that `--val_ids` holds out."
-    def __init__(self, root, index, pids, camids, size):
-        self.data, self.index = LMDBDataset(root, reid_test_transform(size)), np.asarray(index)
-        self.pids, self.camids = np.asarray(pids), np.asarray(camids)
-    def __len__(self): return len(self.index)
-    def __getitem__(self, i): return self.data[int(self.index[i])][0], int(self.pids[i]), int(self.camids[i])
-
 def held_out_split(dataset, n_ids, seed=0):
     """`(train_index, query, gallery)`: `n_ids` identities (true ones where `keys.pkl` has them, else noisy labels; the same
     draw for every run on this data) out of training; of each, one crop per camera is a query and the rest the gallery."""
@@ -260,7 +252,7 @@ def build_data(cfg, rank=0, world_size=1, cuda=False, defer=None):
     if cfg.val_ids:                                                   # held-out identities: a validation benchmark
         keep, query, gallery = held_out_split(dataset, cfg.val_ids)
         train_set = torch.utils.data.Subset(dataset, keep)           # items keep their index into the whole dataset
-        dataset.val = [HeldOut(data_root, *part, cfg.img_size) for part in (query, gallery)]
+        dataset.val = [LMDBCrops(data_root, reid_test_transform(cfg.img_size), *part) for part in (query, gallery)]
     sampler = DistributedShuffleSampler(train_set, seed=cfg.seed)
     loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.batch_size // world_size, sampler=sampler,
                                          num_workers=cfg.workers, pin_memory=cuda, drop_last=True)

@@ -15,7 +15,7 @@ FLOORS = [                                        # lowest first; a module impor
     {"pnl", "heads"},                             # the PNL model; the BoT / MGN heads
     {"checkpoints"},                              # every file that holds a model
     {"evaluate"},                                 # features, distances, metrics (and its CLI)
-    {"pretrain", "finetune", "bench", "widgets"},   # the jobs
+    {"pretrain", "finetune", "bench", "widgets", "clean"},   # the jobs
 ]
 FLOOR = {m: i for i, ms in enumerate(FLOORS) for m in ms}
 
