@@ -7,7 +7,8 @@ __all__ = ['opt', 'int_tuple', 'check_config', 'field_help', 'dataclass_parser',
            'check_parameters', 'learning_rate', 'set_lr', 'atomic_write', 'remove_stale_temps', 'append_metrics',
            'read_metrics', 'truncate_metrics', 'lock_out_dir', 'open_out_dir', 'resolve_device', 'setup_distributed',
            'teardown_distributed', 'timeout_error', 'seed_everything', 'epoch_seed', 'wait_policy', 'set_threads',
-           'format_row', 'log_line', 'skipped_images', 'plot_log', 'repo_root', 'run_slow', 'save_figure']
+           'format_row', 'log_line', 'skipped_images', 'plot_log', 'NonFiniteLossError', 'LossGuard', 'repo_root',
+           'run_slow', 'save_figure']
 
 # %% ../nbs/02a_runs.ipynb #e8847feb
 import argparse, difflib, errno, fcntl, hashlib, json, math, os, random, re, socket, time, types, warnings
@@ -338,6 +339,37 @@ def plot_log(out_dir, panels, ncols=3):
     fig.suptitle(f"{Path(out_dir).name}: {len(rows)} epochs")
     fig.tight_layout()
     return fig
+
+# %% ../nbs/02a_runs.ipynb #c3668c8b
+class NonFiniteLossError(RuntimeError):
+    "A training loss that is NaN or inf: the job stops there (a one-line message), its last checkpoint the last good epoch's."
+
+class LossGuard:
+    """Watch one epoch's losses: `guard(loss, step, lr)` notes the first step whose loss is not finite (on the loss's device,
+    no sync); `guard.check()` raises `NonFiniteLossError` naming it. Call `check` at the same steps on every DDP rank."""
+    def __init__(self, job, epoch, steps, world_size=1, out_dir=None):
+        self.job, self.epoch, self.steps, self.world_size, self.out_dir = job, epoch, steps, world_size, out_dir
+        self.first, self.lrs = None, []
+
+    def __call__(self, loss, step, lr):
+        import torch
+        self.lrs.append(lr)
+        bad = torch.where(torch.isfinite(loss.detach()).all(), self.steps, step)
+        self.first = bad if self.first is None else torch.minimum(self.first, bad)
+
+    def check(self):
+        if self.first is None: return
+        first = self.first
+        if self.world_size > 1:
+            import torch.distributed as dist
+            first = first.clone(); dist.all_reduce(first, op=dist.ReduceOp.MIN)
+        if (s := int(first)) < self.steps: raise NonFiniteLossError(self.message(s))
+
+    def message(self, s):
+        kept = f"{self.out_dir}/checkpoint.pth" if self.out_dir else "the run's checkpoint"
+        return (f"{self.job}: the loss is not finite (NaN or inf) at epoch {self.epoch + 1}, step {s + 1} of {self.steps} "
+                f"(lr {self.lrs[s]:.3g}): the learning rate is likely too high, or the weights or inputs are not finite; "
+                f"stopped, nothing of epoch {self.epoch + 1} saved ({kept}, if any, is the last good epoch's)")
 
 # %% ../nbs/02a_runs.ipynb #7cd8cc41
 def repo_root(start=None):
