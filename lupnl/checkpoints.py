@@ -220,6 +220,25 @@ def _read_state(path_or_state):
         raise ValueError(f"{name}: no state dict of tensors found (top level: {keys})")
     return state, name
 
+# %% ../nbs/02d_checkpoints.ipynb #641ef86a
+def _check_weights(state, like, name):
+    "Refuse (`ValueError` naming `name` and the first bad tensor) a `state` of non-float (where `like`, the model's own, is float), non-finite or all-constant weights."
+    varied, first = False, None
+    for k, v in state.items():
+        if not torch.is_tensor(v) or k not in like: continue
+        if like[k].is_floating_point() and not v.is_floating_point():
+            raise ValueError(f"{name}: tensor {k!r} holds {v.dtype} values, not floating point: these are not trained weights "
+                             "(a file cast to integers?); nothing was loaded")
+        if v.is_floating_point() and not (ok := torch.isfinite(v)).all():
+            raise ValueError(f"{name}: tensor {k!r} holds {int((~ok).sum())} non-finite values (NaN or inf) of {v.numel()}: "
+                             "the weights of a run that diverged, or a damaged file; nothing was loaded")
+        if v.dim() >= 2 and v.numel():
+            first = first or (k, v.reshape(-1)[0].item())
+            varied = varied or bool((v != v.reshape(-1)[0]).any())
+    if first is not None and not varied:
+        raise ValueError(f"{name}: every weight tensor is constant (e.g. {first[0]!r}: all {first[1]:g}): these are not trained "
+                         "weights (an all-zero file?), and such a model cannot tell two images apart; nothing was loaded")
+
 # %% ../nbs/02d_checkpoints.ipynb #d18596df
 def load_pretrained(model, path_or_state, strict_arch=True, verbose=True):
     "Load the trunk (ResNet or ViT) of a LUPerson / LUPerson-NL / lupnl checkpoint into `model` (PNL, Encoder, torchvision ResNet or DDP of them); returns a `LoadReport`."
@@ -248,6 +267,7 @@ def load_pretrained(model, path_or_state, strict_arch=True, verbose=True):
     if frac < 0.9:
         raise ValueError(f"{name}: only {100 * frac:.0f}% of the {arch} trunk's weights match; "
                          f"wrong architecture or not a ResNet checkpoint ({report}); nothing was loaded")
+    _check_weights(mapped, target, name)                         # not floats, not finite, all constant: refused
     with torch.no_grad():
         for k, v in mapped.items(): target[k].copy_(v)
     report.loaded = sorted(mapped)
@@ -371,24 +391,35 @@ def weights_trunk(state):
 
 
 # %% ../nbs/02d_checkpoints.ipynb #e7465ed4
-def _run_model(kind, ckpt):
+def _run_model(kind, ckpt, name="<state_dict>"):
     "The model a run's checkpoint describes (from its config), weights loaded: the BoT / MGN of a fine-tuning run, a pre-training run's trunk."
     cfg = ckpt["config"]
     if kind == "finetune":                                   # BoT / MGN, rebuilt as fine-tuning built it
         trunk = build_trunk(cfg["arch"], depth=cfg.get("trunk_depth"))
         model = reid_model(cfg["model"], trunk, ckpt["num_classes"], cfg.get("last_stride", 1))
+        _check_weights(ckpt["model"], model.state_dict(), name)
         model.load_state_dict(ckpt["model"])
         return model
     trunk = build_trunk(cfg["arch"], depth=cfg.get("trunk_depth"))   # ResNet or ViT
     load_pretrained(trunk, ckpt["model"], verbose=False)        # strict: every trunk tensor, right shapes
     return trunk
 
-def _saved_img_size(folder):
-    "The crop size in the config of the run checkpoint (`checkpoint.pth`) in `folder`, or None."
+def _saved_img_size(folder, trunk):
+    """`(size, note)`: the crop size in the config of the run checkpoint (`checkpoint.pth`) in `folder` if that checkpoint
+    describes `trunk` (the same arch and trunk tensor shapes), else None and a note naming the stranger ('' if none)."""
     path = Path(folder) / "checkpoint.pth"
-    try: cfg = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("config") if path.is_file() else None
-    except Exception: cfg = None
-    return tuple(int(v) for v in cfg["img_size"]) if isinstance(cfg, dict) and cfg.get("img_size") else None
+    try: ck = torch.load(path, map_location="cpu", weights_only=True, mmap=True) if path.is_file() else None
+    except Exception: ck = None
+    cfg = ck.get("config") if isinstance(ck, dict) else None
+    if not (isinstance(cfg, dict) and cfg.get("img_size")): return None, ""
+    size, arch = tuple(int(v) for v in cfg["img_size"]), getattr(trunk, "arch", type(trunk).__name__)
+    mine = {k: tuple(v.shape) for k, v in trunk.state_dict().items() if not k.startswith("fc.")}
+    state = ck.get("model") if isinstance(ck.get("model"), dict) else {}
+    theirs = {tk: tuple(v.shape) for k, v in state.items() if torch.is_tensor(v) and (tk := _trunk_key(k))}
+    if cfg.get("arch") == arch and theirs == mine: return size, ""
+    return None, (f" (the run checkpoint beside it, {path}, describes another trunk: {cfg.get('arch')!r}, not this file's "
+                  f"{arch!r}{', same name, other tensor shapes' if cfg.get('arch') == arch else ''}; its crop size "
+                  f"{size[0]}x{size[1]} is not borrowed)")
 
 # %% ../nbs/02d_checkpoints.ipynb #0bd3565a
 def load_model(path, device="cpu", checkpoint=None):
@@ -398,7 +429,7 @@ def load_model(path, device="cpu", checkpoint=None):
     path = Path(path)
     device = resolve_device(device)
     if not path.is_file(): raise FileNotFoundError(f"load_model: no such file: {path}")
-    config = size = None
+    config, size, note = None, None, ""
     if path.suffix.lower() == ".onnx":
         providers = ("CUDAExecutionProvider", "CPUExecutionProvider") if device.type == "cuda" else ("CPUExecutionProvider",)
         model, kind = OnnxModel(path, providers), "onnx"
@@ -406,19 +437,19 @@ def load_model(path, device="cpu", checkpoint=None):
     else:
         ckpt = path if path.suffix == ".safetensors" else load_checkpoint(path) if checkpoint is None else checkpoint
         kind = "weights" if isinstance(ckpt, Path) else checkpoint_kind(ckpt)
-        if kind == "weights":
-            try:
+        try:
+            if kind == "weights":
                 state = _read_state(ckpt)[0]
                 model = weights_trunk(state)
                 load_pretrained(model, state, verbose=False)
-            except ValueError as e: raise ValueError(f"load_model({path}): {e}") from e
-            size = _saved_img_size(path.parent)
-        else:
-            model, config = _run_model(kind, ckpt), dict(ckpt["config"])
-            size = tuple(int(v) for v in config["img_size"])
+                size, note = _saved_img_size(path.parent, model)
+            else:
+                model, config = _run_model(kind, ckpt), dict(ckpt["config"])
+                size = tuple(int(v) for v in config["img_size"])
+        except ValueError as e: raise ValueError(f"load_model({path}): " + str(e).replace("<state_dict>: ", "").replace(f"{path}: ", "")) from e
     if size is None:
-        warnings.warn(f"{path}: the crop size is not stored with this model; using {DEFAULT_SIZE[0]}x{DEFAULT_SIZE[1]} "
-                      "(pass size= to evaluate, --size to python -m lupnl.evaluate)")
+        warnings.warn(f"{path}: the crop size is not stored with this model{note}; it is unknown: using "
+                      f"{DEFAULT_SIZE[0]}x{DEFAULT_SIZE[1]} (pass size= to evaluate, --size to python -m lupnl.evaluate)")
         size = DEFAULT_SIZE
     model.img_size, model.kind, model.config = tuple(size), kind, config
     return model.to(device).eval()

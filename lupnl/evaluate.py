@@ -54,7 +54,7 @@ from tqdm.auto import tqdm
 from .data import ImageDataset, read_benchmark
 from .transforms import reid_test_transform
 from .toy import toy_dataset
-from .runs import resolve_device
+from .runs import resolve_device, skipped_images
 from .checkpoints import load_model, DEFAULT_SIZE, _onnx_img_size
 
 # %% ../nbs/05_evaluate.ipynb #7213ce89
@@ -70,31 +70,41 @@ def _features_of(out):
         raise TypeError(f"the model returned {type(out).__name__}; expected a feature tensor (or a tuple starting with one)")
     return out.flatten(1)
 
+# %% ../nbs/05_evaluate.ipynb #6da44004
 @torch.no_grad()
 def extract_features(model, loader, device=None, flip=False, normalize=True, amp=None, progress=True, desc="features"):
-    "`(feats, pids, camids)`: `model`'s eval-mode features (float32, CPU) over a loader of `(img, pid, camid)` batches, in loader order."
+    """`(feats, pids, camids)`: `model`'s eval-mode features (float32, CPU) over a loader of `(img, pid, camid)` batches, in
+    loader order; the rows that a fourth, bool element marks False (unreadable images) are dropped, with a warning."""
     device = torch.device(device) if device is not None else _model_device(model)
     cuda = device.type == "cuda"
     amp = cuda if amp is None else amp
     was_training = model.training
     model.eval()
-    feats, pids, camids = [], [], []
+    feats, pids, camids, dropped = [], [], [], 0
     try:
-        for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
+        total = len(loader) if hasattr(loader, "__len__") else None   # iter(): tqdm.auto would otherwise start a second
+        for batch in tqdm(iter(loader), total=total, desc=desc, disable=not progress, leave=False):   # pass (workers: twice the reads)
             if not isinstance(batch, (tuple, list)) or len(batch) < 3:
                 raise ValueError(f"extract_features needs batches of (img, pid, camid), got {type(batch).__name__}"
                                  + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else ""))
             img, pid, camid = batch[:3]
+            keep = batch[3] if len(batch) > 3 and torch.is_tensor(batch[3]) and batch[3].dtype == torch.bool else None
             img = img.to(device, non_blocking=True)
             if cuda and img.dim() == 4: img = img.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=torch.float16 if cuda else torch.bfloat16, enabled=amp):
                 f = _features_of(model(img)).float()
                 if flip: f = (f + _features_of(model(img.flip(3))).float()) / 2
-            feats.append(F.normalize(f, dim=1).cpu() if normalize else f.cpu())
-            pids.append(torch.as_tensor(pid).reshape(-1)); camids.append(torch.as_tensor(camid).reshape(-1))
+            f = F.normalize(f, dim=1).cpu() if normalize else f.cpu()
+            pid, camid = torch.as_tensor(pid).reshape(-1), torch.as_tensor(camid).reshape(-1)
+            if keep is not None: f, pid, camid, dropped = f[keep], pid[keep], camid[keep], dropped + int((~keep).sum())
+            feats.append(f); pids.append(pid); camids.append(camid)
     finally:
         model.train(was_training)
     if not feats: raise ValueError("extract_features got an empty loader")
+    if dropped:
+        kept = sum(map(len, pids))
+        if not kept: raise ValueError(f"{desc}: none of its {dropped} images can be read")
+        warnings.warn(f"{desc}: {dropped} unreadable image(s) of {dropped + kept} dropped from the evaluation", stacklevel=3)
     return torch.cat(feats), torch.cat(pids).long(), torch.cat(camids).long()
 
 # %% ../nbs/05_evaluate.ipynb #0a6c2030
@@ -548,12 +558,12 @@ def plot_retrieval(query_items, gallery_items, distmat, q_idx, topk=10, size=(12
 def _as_loader(x, size, batch_size, num_workers, what):
     if isinstance(x, DataLoader): return x
     if isinstance(x, (list, tuple)) and len(x) and all(hasattr(i, "path") or isinstance(i, tuple) for i in x):
-        return DataLoader(ImageDataset(x, reid_test_transform(size)), batch_size=batch_size, num_workers=num_workers)
+        return DataLoader(ImageDataset(x, reid_test_transform(size), on_corrupt="drop"), batch_size=batch_size, num_workers=num_workers)
     raise TypeError(f"{what} must be a DataLoader of (img, pid, camid) or a non-empty list of Item(path, pid, camid), got {type(x).__name__}")
 
 def evaluate(model, query, gallery=None, metric="cosine", flip=False, size=None, batch_size=64, num_workers=0,
              device=None, amp=None, max_rank=50, progress=True, **rank_kwargs):
-    "Retrieval scores of `model` in percent: `{'mAP', 'rank1', 'rank5', 'rank10', 'mINP', 'num_valid'}` (query vs gallery, or a benchmark)."
+    "Retrieval scores of `model` in percent: `{'mAP', 'rank1', 'rank5', 'rank10', 'mINP', 'num_valid', 'skipped_eval_images'}` (query vs gallery, or a benchmark)."
     if gallery is None:
         bench = read_benchmark(query, train=False) if isinstance(query, (str, Path)) else query
         if not (hasattr(bench, "query") and hasattr(bench, "gallery")):
@@ -561,9 +571,13 @@ def evaluate(model, query, gallery=None, metric="cosine", flip=False, size=None,
         query, gallery = bench.query, bench.gallery
     size = size or getattr(model, "img_size", None) or DEFAULT_SIZE   # a `load_model` model knows its crop size
     kw = dict(device=device, flip=flip, amp=amp, progress=progress)
-    qf, qp, qc = extract_features(model, _as_loader(query, size, batch_size, num_workers, "query"), desc="query", **kw)
-    gf, gp, gc = extract_features(model, _as_loader(gallery, size, batch_size, num_workers, "gallery"), desc="gallery", **kw)
-    return evaluate_features(qf, gf, qp, gp, qc, gc, metric=metric, max_rank=max_rank, **rank_kwargs).as_dict(percent=True)
+    loaders = [_as_loader(x, size, batch_size, num_workers, w) for x, w in ((query, "query"), (gallery, "gallery"))]
+    before = sum(skipped_images(l.dataset) for l in loaders)      # the datasets' counts of unreadable images dropped
+    qf, qp, qc = extract_features(model, loaders[0], desc="query", **kw)
+    gf, gp, gc = extract_features(model, loaders[1], desc="gallery", **kw)
+    skipped = sum(skipped_images(l.dataset) for l in loaders) - before
+    scores = evaluate_features(qf, gf, qp, gp, qc, gc, metric=metric, max_rank=max_rank, **rank_kwargs).as_dict(percent=True)
+    return dict(scores, skipped_eval_images=skipped)
 
 # %% ../nbs/05_evaluate.ipynb #68899fe0
 def format_scores(r):
@@ -573,7 +587,8 @@ def format_scores(r):
                (", CUHK03 single-shot CMC" if r.get("cuhk03") else "")
     head = (f"{r['checkpoint']} ({r['kind']}, {h}x{w} crops{protocol}, {r['metric']})\n"
             f"on {r['benchmark']} ({r['data']}): {r['num_query']} queries ({r['num_valid']} with a match), "
-            f"{r['num_gallery']} gallery images")
+            f"{r['num_gallery']} gallery images" +
+            (f" ({r['skipped_eval_images']} unreadable images left out)" if r.get("skipped_eval_images") else ""))
     cols = ("mAP", "mINP", "rank1", "rank5", "rank10")
     return head + "\n\n" + "".join(f"{c.replace('rank', 'rank-'):>8}" for c in cols) + "\n" + "".join(f"{r[c]:8.2f}" for c in cols)
 

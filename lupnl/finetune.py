@@ -6,7 +6,7 @@
 __all__ = ['ARCH_CHOICES', 'config_parser', 'parse_config', 'LOSS_KEYS', 'PANELS', 'FinetuneConfig', 'label_smoothed_ce',
            'pairwise_distance', 'batch_hard_triplet', 'build_optimizer', 'build_model', 'load_benchmark',
            'training_items', 'build_loaders', 'reid_losses', 'FinetuneRun', 'start_run', 'resume', 'train_one_epoch',
-           'end_epoch', 'train', 'main']
+           'end_epoch', 'log_epoch', 'train', 'main']
 
 # %% ../nbs/04_finetune.ipynb #b9755aae
 import copy, math, sys, time
@@ -17,7 +17,7 @@ from types import SimpleNamespace
 from fastcore.imports import IN_NOTEBOOK
 from .runs import (opt, check_config, job_cli, config_args, learning_rate, set_lr, append_metrics, read_metrics,
                         truncate_metrics, open_out_dir, resolve_device, seed_everything, epoch_seed, format_row, log_line,
-                        skipped_images, plot_log, wait_policy, set_threads)
+                        skipped_images, plot_log, wait_policy, set_threads, LossGuard)
 if __name__ == "__main__": wait_policy()   # a script or a notebook: before torch is imported (see lupnl.runs)
 
 ARCH_CHOICES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152",      # = lupnl.models.ARCHS
@@ -136,13 +136,13 @@ def training_items(cfg, bench):
     return items
 
 def build_loaders(cfg, bench, device=torch.device("cpu")):
-    "`(train, query, gallery)` loaders: P×K training batches of augmented crops (labels 0..N-1), plain test crops."
-    train_set = ImageDataset(training_items(cfg, bench), reid_train_transform(cfg.img_size), relabel=True)
+    "`(train, query, gallery)` loaders: P×K training batches of augmented crops (labels 0..N-1), plain test crops; unreadable images skipped / dropped."
+    train_set = ImageDataset(training_items(cfg, bench), reid_train_transform(cfg.img_size), relabel=True, on_corrupt="skip")
     sampler = PKSampler(train_set.targets, cfg.P, cfg.K, seed=cfg.seed)
     kw = dict(num_workers=cfg.workers, pin_memory=device.type == "cuda")  # workers restart (reseeded) every epoch
     train = DataLoader(train_set, batch_size=cfg.P * cfg.K, sampler=sampler, drop_last=True, **kw)
     test_tf = reid_test_transform(cfg.img_size)
-    query, gallery = (DataLoader(ImageDataset(items, test_tf), batch_size=4 * cfg.P * cfg.K, **kw)
+    query, gallery = (DataLoader(ImageDataset(items, test_tf, on_corrupt="drop"), batch_size=4 * cfg.P * cfg.K, **kw)
                       for items in (bench.query, bench.gallery))
     return train, query, gallery
 
@@ -206,6 +206,8 @@ def resume(run):
                        "is not a fine-tuning checkpoint (to start from pre-trained weights, pass them as init)")
     if found: log_line(run.out_dir, f"resumed from {found[0]} after epoch {run.start_epoch}")
     truncate_metrics(run.out_dir, run.start_epoch)
+    if found and found[1].get("row") and all(r["epoch"] < run.start_epoch - 1 for r in read_metrics(run.out_dir)):
+        log_epoch(run, dict(found[1]["row"]))     # its checkpoint was written, its evaluation or row was not: now
 
 # %% ../nbs/04_finetune.ipynb #70d00764
 def train_one_epoch(run, epoch):
@@ -215,6 +217,7 @@ def train_one_epoch(run, epoch):
     train_dl.sampler.set_epoch(epoch)
     run.model.train()
     sums, t0 = torch.zeros(len(LOSS_KEYS), device=device), time.time()
+    guard = LossGuard("fine-tuning", epoch, len(train_dl), out_dir=run.out_dir)      # NaN / inf loss: stop, name the step
     bar = tqdm(iter(train_dl), total=len(train_dl), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False)
     for step, (imgs, labels, _) in enumerate(bar):
         lr = set_lr(optimizer, learning_rate(cfg, epoch + step / len(train_dl)))
@@ -223,13 +226,15 @@ def train_one_epoch(run, epoch):
         with torch.autocast(device.type, enabled=run.amp):
             out = run.model(imgs)
         loss, ce, tri = reid_losses(out, labels, cfg)
+        guard(loss, step, lr)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
         acc = (out["logits"][0].argmax(1) == labels).float().mean() * 100
         sums += torch.stack([loss, ce, tri, acc]).detach().float()
-        if step % 10 == 0: bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.3g}")
+        if step % 10 == 0: guard.check(); bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.3g}")
+    guard.check()
     skipped, run.skipped = skipped_images(run.train_dl.dataset) - run.skipped, skipped_images(run.train_dl.dataset)
     return dict(epoch=epoch, lr=lr, **dict(zip(LOSS_KEYS, (sums / len(train_dl)).tolist())), skipped_images=skipped,
                 epoch_time=time.time() - t0)
@@ -241,16 +246,20 @@ PANELS = [("losses", ("loss", "loss_ce", "loss_triplet")), ("train accuracy / re
           ("learning rate", ("lr",))]
 
 def end_epoch(run, epoch, row):
-    "Retrieval (every `eval_every` epochs and at the end), the log row, then the checkpoint."
-    cfg, model = run.cfg, run.model
+    "The checkpoint first (holding the training `row`), then `log_epoch`: a failed evaluation loses no training."
+    save_checkpoint(dict(epoch=epoch + 1, model=run.model.state_dict(), optimizer=run.optimizer.state_dict(),
+                         scaler=run.scaler.state_dict(), num_classes=run.num_classes, config=asdict(run.cfg),
+                         fingerprint=run.fingerprint, row=row), run.out_dir / "checkpoint.pth")
+    log_epoch(run, dict(row))
+
+def log_epoch(run, row):
+    "Retrieval into the epoch's `row` (every `eval_every` epochs and at the end), then the row in `metrics.jsonl` and the log."
+    cfg, epoch = run.cfg, row["epoch"]
     if (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0) or epoch == cfg.epochs - 1:
         t1 = time.time()
-        row.update(evaluate(model, run.query_dl, run.gallery_dl, flip=cfg.flip, device=run.device))
+        row.update(evaluate(run.model, run.query_dl, run.gallery_dl, flip=cfg.flip, device=run.device))
         row["eval_time"] = time.time() - t1
     append_metrics(run.out_dir, row)
-    save_checkpoint(dict(epoch=epoch + 1, model=model.state_dict(), optimizer=run.optimizer.state_dict(),
-                         scaler=run.scaler.state_dict(), num_classes=run.num_classes, config=asdict(cfg),
-                         fingerprint=run.fingerprint), run.out_dir / "checkpoint.pth")
     log_line(run.out_dir, format_row(row))
 
 def train(cfg):

@@ -8,9 +8,9 @@ __all__ = ['PRESETS', 'ARCH_CHOICES', 'VIEWS', 'RECIPES', 'BLUR_SIGMA', 'BLUR_HE
            'scaled_proto_momentum', 'blur_sigma', 'resolve_config', 'LARS', 'build_optimizer', 'label_scores',
            'held_out_split', 'build_model', 'trunk_kwargs', 'strong_view', 'weak_view', 'build_data', 'monitor_sample',
            'monitor_row', 'PretrainRun', 'start_run', 'check_resumable_recipe', 'resume', 'device_views',
-           'train_one_epoch', 'validation_scores', 'end_epoch', 'finish_run', 'train', 'main', 'torchrun_command',
-           'launch', 'ablation_configs', 'finished_rows', 'random_init_scores', 'train_all', 'train_ablation',
-           'search_configs', 'select_settings', 'summarize_ablation', 'plot_ablation']
+           'train_one_epoch', 'validation_scores', 'end_epoch', 'log_epoch', 'finish_run', 'train', 'main',
+           'torchrun_command', 'launch', 'ablation_configs', 'finished_rows', 'random_init_scores', 'train_all',
+           'train_ablation', 'search_configs', 'select_settings', 'summarize_ablation', 'plot_ablation']
 
 # %% ../nbs/03_pretrain.ipynb #2e591967
 import copy, inspect, math, os, shlex, subprocess, sys, time
@@ -21,7 +21,8 @@ from types import SimpleNamespace
 from fastcore.imports import IN_NOTEBOOK
 from .runs import (opt, check_config, job_cli, config_args, learning_rate, set_lr, append_metrics, read_metrics,
                         truncate_metrics, open_out_dir, resolve_device, setup_distributed, teardown_distributed, timeout_error,
-                        seed_everything, epoch_seed, format_row, skipped_images, plot_log, wait_policy, set_threads)
+                        seed_everything, epoch_seed, format_row, skipped_images, plot_log, wait_policy, set_threads,
+                        LossGuard)
 if __name__ == "__main__": wait_policy()   # a script or a notebook: before torch is imported (see lupnl.runs)
 
 PRESETS = ("pnl", "ce", "moco", "no_proto", "no_correction", "no_label_guided", "no_instance")   # = lupnl.pnl.ABLATIONS
@@ -145,7 +146,7 @@ from tqdm.auto import tqdm
 from torch.utils.data import DataLoader
 
 from .toy import toy_dataset, make_toy_dataset
-from .data import LMDBDataset, LMDBCrops
+from .data import LMDBDataset, LMDBCrops, ImageDataset, read_benchmark
 from .transforms import TwoViewTransform, reid_train_transform, reid_test_transform, pretrain_strong_transform
 from .samplers import DistributedShuffleSampler
 from .noise import correction_scores
@@ -234,11 +235,22 @@ def weak_view(size, defer=False):
     "The reference's weak (query) view: the re-ID training transform without random erasing, padding scaled as 10 px at 256x128."
     return reid_train_transform(size, pad=max(1, round(10 * size[0] / 256)), erase=0, defer=defer)
 
+# %% ../nbs/03_pretrain.ipynb #fdb40d9d
 def _built_in_data(rank):
     "The built-in toy dataset; rank 0 generates it (if absent) while the other ranks wait."
     if rank == 0: toy = toy_dataset()
     if dist.is_initialized(): dist.barrier()
     return toy if rank == 0 else toy_dataset()
+
+def _check_data(cfg, dataset, data_root, bench):
+    "Refuse, before any training, labels that a preset learning identities cannot learn from (fewer than 2), and a benchmark split that cannot be read."
+    uses_labels = any(ABLATIONS[cfg.preset][k] for k in ("use_cls", "use_proto", "use_correction", "use_label_guided"))
+    if uses_labels and dataset.num_classes < 2:
+        raise ValueError(f"{data_root}: {dataset.num_classes} identit{'y' if dataset.num_classes == 1 else 'ies'} in its labels "
+                         f"({dataset.label_field!r}): preset {cfg.preset!r} learns to tell identities apart and needs at least 2 "
+                         "(with one, its classifier is right by construction: loss_cls 0, acc_cls 100); preset 'moco' needs no labels")
+    b = read_benchmark(bench, train=False)                       # the evaluation's splits, each with a readable image
+    for items in (b.query, b.gallery): ImageDataset(items, on_corrupt="drop")
 
 def build_data(cfg, rank=0, world_size=1, cuda=False, defer=None):
     "`(dataset, sampler, loader, bench)`: two views of every crop, this rank's shard of each epoch, the benchmark; `defer` (default: on CUDA) leaves the per-pixel steps to `device_views`."
@@ -248,6 +260,7 @@ def build_data(cfg, rank=0, world_size=1, cuda=False, defer=None):
     defer = cuda if defer is None else defer
     views = TwoViewTransform(*(make[v](cfg.img_size, defer=defer) for v in resolve_config(cfg).views.split(",")))
     dataset = LMDBDataset(data_root, views, return_index=True)
+    _check_data(cfg, dataset, data_root, bench)
     train_set = dataset
     if cfg.val_ids:                                                   # held-out identities: a validation benchmark
         keep, query, gallery = held_out_split(dataset, cfg.val_ids)
@@ -349,7 +362,10 @@ def resume(run):
     if found:
         run.labels.copy_(found[1]["labels"])
         if run.rank == 0: print(f"resumed from {found[0]} at epoch {run.start_epoch}", flush=True)
-    if run.rank == 0: truncate_metrics(run.out_dir, run.start_epoch)
+    if run.rank == 0:
+        truncate_metrics(run.out_dir, run.start_epoch)
+        if found and found[1].get("row") and all(r["epoch"] < run.start_epoch - 1 for r in read_metrics(run.out_dir)):
+            log_epoch(run, dict(found[1]["row"]))   # its checkpoint was written, its evaluation or row was not: now
 
 # %% ../nbs/03_pretrain.ipynb #a7636a3e
 def device_views(run, views):
@@ -365,19 +381,22 @@ def train_one_epoch(run, epoch):
     run.net.train()
     sums, t0 = torch.zeros(len(LOSS_KEYS) + 1, device=device), time.time()
     bar = tqdm(iter(loader), total=len(loader), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=run.rank != 0, leave=False)
+    guard = LossGuard("pre-training", epoch, len(loader), run.world_size, run.out_dir)   # NaN / inf loss: every rank stops
     for step, (views, targets, index) in enumerate(bar):
         lr = set_lr(optimizer, learning_rate(cfg, epoch + step / len(loader)))
         im_q, im_k = device_views(run, views)
         with torch.autocast(device.type, enabled=run.amp):
             out = run.net(im_q, im_k, targets.to(device), index.to(device), proto=epoch > 0,
                           correct=epoch >= cfg.correct_start, label_guided=epoch >= cfg.label_guided_start)
+        guard(out["loss"], step, lr)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(out["loss"]).backward()
         scaler.step(optimizer)
         scaler.update()
         run.labels[out["all_index"]] = out["all_targets"]     # all-gathered: identical on every rank
         sums[:-1] += torch.stack([out[k].detach().float() for k in LOSS_KEYS])
-        if step % 10 == 0: bar.set_postfix(loss=f"{out['loss'].item():.3f}", lr=f"{lr:.3g}")
+        if step % 10 == 0: guard.check(); bar.set_postfix(loss=f"{out['loss'].item():.3f}", lr=f"{lr:.3g}")
+    guard.check()
     skipped, run.skipped = skipped_images(run.dataset) - run.skipped, skipped_images(run.dataset)
     sums[-1] = skipped
     if run.world_size > 1: dist.all_reduce(sums)
@@ -404,24 +423,29 @@ PANELS = [("losses", ("loss", "loss_cls", "loss_proto", "loss_inst")), ("accurac
           ("retrieval (%)", ("mAP", "rank1", "rank5")), ("learning rate", ("lr",)), ("seconds", ("epoch_time", "eval_time", "monitor_time"))]
 
 def end_epoch(run, epoch, row):
-    "Rank 0: label quality, monitors, retrieval (every `eval_every` epochs and at the end), the log row, then the checkpoint; all ranks wait."
-    cfg = run.cfg
+    "Rank 0: the checkpoint first (holding the training `row`), then `log_epoch`; all ranks wait."
     if run.rank == 0:
-        row.update(label_scores(run), **monitor_row(run))
-        if (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0) or epoch == cfg.epochs - 1:
-            t1 = time.time()
-            scores = evaluate(run.model.backbone, run.bench, size=cfg.img_size, device=run.device, amp=run.amp,
-                              num_workers=cfg.workers, progress=False)
-            row.update({k: scores[k] for k in ("mAP", "rank1", "rank5")}, eval_time=time.time() - t1)
-            if cfg.val_ids: row.update(validation_scores(run))
-        append_metrics(run.out_dir, row)
         save_checkpoint(dict(epoch=epoch + 1, model=run.model.state_dict(), optimizer=run.optimizer.state_dict(),
-                             scaler=run.scaler.state_dict(), labels=run.labels.cpu(), config=asdict(cfg),
-                             fingerprint=run.fingerprint), run.out_dir / "checkpoint.pth")
-        print(format_row(row), flush=True)
-        for w in collapse_warnings(row, cfg.queue_size if run.model.use_instance else 0): print(w, flush=True)
+                             scaler=run.scaler.state_dict(), labels=run.labels.cpu(), config=asdict(run.cfg),
+                             fingerprint=run.fingerprint, row=row), run.out_dir / "checkpoint.pth")
+        log_epoch(run, dict(row))
     if run.world_size > 1: dist.barrier()
 
+def log_epoch(run, row):
+    "Rank 0: label quality, monitors, retrieval (every `eval_every` epochs and at the end) into the epoch's `row`, then the row in `metrics.jsonl`."
+    cfg, epoch = run.cfg, row["epoch"]
+    row.update(label_scores(run), **monitor_row(run))
+    if (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0) or epoch == cfg.epochs - 1:
+        t1 = time.time()
+        scores = evaluate(run.model.backbone, run.bench, size=cfg.img_size, device=run.device, amp=run.amp,
+                          num_workers=cfg.workers, progress=False)
+        row.update({k: scores[k] for k in ("mAP", "rank1", "rank5", "skipped_eval_images")}, eval_time=time.time() - t1)
+        if cfg.val_ids: row.update(validation_scores(run))
+    append_metrics(run.out_dir, row)
+    print(format_row(row), flush=True)
+    for w in collapse_warnings(row, cfg.queue_size if run.model.use_instance else 0): print(w, flush=True)
+
+# %% ../nbs/03_pretrain.ipynb #5395bae4
 def finish_run(run):
     "Rank 0: `backbone.pth` + `backbone.safetensors`, `metrics.png` (also in TensorBoard) and a summary line; the rows of `metrics.jsonl` (`[]` on other ranks)."
     if run.cfg.dump_state:

@@ -10,7 +10,7 @@ __all__ = ['LEFT_BY_A_FAILED_START', 'opt', 'int_tuple', 'check_config', 'size_a
            'open_out_dir', 'created_by', 'remove_unused_out_dir', 'user_error', 'user_errors', 'job_main',
            'resolve_device', 'setup_distributed', 'teardown_distributed', 'timeout_error', 'seed_everything',
            'epoch_seed', 'wait_policy', 'set_threads', 'format_row', 'log_line', 'skipped_images', 'plot_log',
-           'save_metrics_plot', 'repo_root', 'run_slow', 'save_figure']
+           'save_metrics_plot', 'NonFiniteLossError', 'LossGuard', 'repo_root', 'run_slow', 'save_figure']
 
 # %% ../nbs/02a_runs.ipynb #e8847feb
 import argparse, difflib, errno, fcntl, hashlib, json, math, os, random, re, socket, time, types, warnings
@@ -492,6 +492,37 @@ def save_metrics_plot(out_dir, panels, name="metrics.png"):
     try: log_image(out_dir, path.stem, path, read_metrics(out_dir)[-1]["epoch"])
     except Exception as e: warnings.warn(f"{path}: not logged to TensorBoard ({type(e).__name__}: {e})")
     return path
+
+# %% ../nbs/02a_runs.ipynb #c3668c8b
+class NonFiniteLossError(RuntimeError):
+    "A training loss that is NaN or inf: the job stops there (a one-line message), its last checkpoint the last good epoch's."
+
+class LossGuard:
+    """Watch one epoch's losses: `guard(loss, step, lr)` notes the first step whose loss is not finite (on the loss's device,
+    no sync); `guard.check()` raises `NonFiniteLossError` naming it. Call `check` at the same steps on every DDP rank."""
+    def __init__(self, job, epoch, steps, world_size=1, out_dir=None):
+        self.job, self.epoch, self.steps, self.world_size, self.out_dir = job, epoch, steps, world_size, out_dir
+        self.first, self.lrs = None, []
+
+    def __call__(self, loss, step, lr):
+        import torch
+        self.lrs.append(lr)
+        bad = torch.where(torch.isfinite(loss.detach()).all(), self.steps, step)
+        self.first = bad if self.first is None else torch.minimum(self.first, bad)
+
+    def check(self):
+        if self.first is None: return
+        first = self.first
+        if self.world_size > 1:
+            import torch.distributed as dist
+            first = first.clone(); dist.all_reduce(first, op=dist.ReduceOp.MIN)
+        if (s := int(first)) < self.steps: raise NonFiniteLossError(self.message(s))
+
+    def message(self, s):
+        kept = f"{self.out_dir}/checkpoint.pth" if self.out_dir else "the run's checkpoint"
+        return (f"{self.job}: the loss is not finite (NaN or inf) at epoch {self.epoch + 1}, step {s + 1} of {self.steps} "
+                f"(lr {self.lrs[s]:.3g}): the learning rate is likely too high, or the weights or inputs are not finite; "
+                f"stopped, nothing of epoch {self.epoch + 1} saved ({kept}, if any, is the last good epoch's)")
 
 # %% ../nbs/02a_runs.ipynb #7cd8cc41
 def repo_root(start=None):

@@ -1,7 +1,9 @@
 """Bad input and bad luck for the two jobs (issue 12): resume of another run, two runs in one out_dir, full disks,
 temporary files of killed runs, a frozen DDP rank, skipped corrupt images, late or anonymous errors, and every
-lupnl checkpoint as fine-tuning `init`. Each test names the message a user sees."""
-import errno, json, os, signal, subprocess, sys, time, warnings
+lupnl checkpoint as fine-tuning `init`; and (issue 23) results that were silently wrong or came late: weights that are
+not weights, a non-finite loss, a final evaluation before the last checkpoint, unreadable benchmark images, a crop size
+borrowed from another trunk, pre-training on one identity. Each test names the message a user sees."""
+import errno, json, math, os, re, signal, subprocess, sys, time, warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -10,7 +12,8 @@ import torch
 
 import lupnl.runs as runs
 import lupnl.checkpoints as checkpoints
-from lupnl.data import LMDBDataset, write_lmdb
+from lupnl.data import DataError, LMDBDataset, write_lmdb
+from lupnl import evaluate as ev
 from lupnl.pretrain import PretrainConfig, torchrun_command, train
 from lupnl.runs import config_args, read_metrics
 from lupnl.checkpoints import load_checkpoint
@@ -348,3 +351,216 @@ def test_skipped_corrupt_images_counted_across_workers(tiny_lmdb, tiny_bench, tm
         rows = train(cfg)
     assert [r["skipped_images"] for r in rows] == [8, 8]
     assert "corrupt images skipped: 16" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- issue 23: no silent wrong results
+
+from lupnl.checkpoints import load_model, load_pretrained, export_safetensors
+
+SPOILED = {"int64": "holds torch.int64 values, not floating point", "nan": r"non-finite values \(NaN or inf\)",
+           "zero": "every weight tensor is constant"}
+
+
+def spoil(src, dest, how):
+    "A copy of the `.safetensors` backbone `src` at `dest` with its tensors cast to int64, filled with NaN, or all zero."
+    from safetensors.torch import load_file, save_file
+    f = {"int64": lambda v: v.long(), "zero": torch.zeros_like,
+         "nan": lambda v: torch.full_like(v, float("nan")) if v.is_floating_point() else v}[how]
+    save_file({k: f(v).contiguous() for k, v in load_file(str(src)).items()}, str(dest))
+    return dest
+
+
+@pytest.mark.parametrize("how", list(SPOILED))
+def test_weights_that_are_not_weights_are_refused(finished, ft_finished, tmp_path, how):
+    """A backbone cast to int64 (before: loaded as an all-zero model, mAP of constant features), NaN-filled (before: loaded,
+    fine-tuned with loss null, failed at the end) or all zero: refused by load_model, load_pretrained and init, naming the
+    file and the first bad tensor; a fine-tuning checkpoint too."""
+    bad = spoil(Path(finished.out_dir) / "backbone.safetensors", tmp_path / f"{how}.safetensors", how)
+    for load in (lambda: load_model(bad), lambda: load_pretrained(resnet_trunk("resnet18"), bad),
+                 lambda: ft.build_model(ft.FinetuneConfig(init=str(bad)), 5)):
+        with pytest.raises(ValueError, match=SPOILED[how]) as e: load()
+        assert str(bad) in str(e.value) and re.search(r"'[\w.]+\.(weight|bias|running_mean|running_var)'", str(e.value)) \
+            and "nothing was loaded" in str(e.value), str(e.value)                  # the file and a tensor named
+    ck = load_checkpoint(Path(ft_finished.out_dir) / "checkpoint.pth")
+    ck["model"] = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in ck["model"].items()}
+    torch.save(ck, tmp_path / "ft_nan.pth")
+    with pytest.raises(ValueError, match=rf"load_model\({tmp_path / 'ft_nan.pth'}\): tensor 'backbone.conv1.weight' holds"):
+        load_model(tmp_path / "ft_nan.pth")
+
+
+@pytest.mark.parametrize("how", ["int64", "nan"])
+def test_evaluate_command_refuses_them_in_one_line(finished, tiny_bench, tmp_path, how, env):
+    bad = spoil(Path(finished.out_dir) / "backbone.safetensors", tmp_path / "backbone.safetensors", how)
+    res = subprocess.run([sys.executable, "-m", "lupnl.evaluate", str(bad), "--data", str(tiny_bench), "--device", "cpu"],
+                         env=env, capture_output=True, text=True, cwd=tmp_path)
+    err = res.stderr.strip()
+    assert res.returncode == 1 and len(err.splitlines()) == 1 and "Traceback" not in err, res.stderr[-3000:]
+    assert err.startswith(f"python -m lupnl.evaluate: error: load_model({bad}): tensor '") and re.search(SPOILED[how], err), err
+
+
+def test_finetune_init_refuses_them_before_training(finished, tmp_path, env):
+    "`--init` with a NaN (command line) or int64 (train) backbone: refused, naming the file, before the first epoch."
+    src = Path(finished.out_dir) / "backbone.safetensors"
+    nan, i64 = spoil(src, tmp_path / "nan.safetensors", "nan"), spoil(src, tmp_path / "int64.safetensors", "int64")
+    cfg = ft.FinetuneConfig(**FT_TINY, init=str(nan), out_dir=str(tmp_path / "cli"))
+    res = subprocess.run([sys.executable, "-m", "lupnl.finetune", *config_args(cfg)], env=env, capture_output=True, text=True,
+                         cwd=tmp_path)
+    assert res.returncode != 0 and f"{nan}: tensor '" in res.stderr and "non-finite values" in res.stderr, res.stderr[-3000:]
+    with pytest.raises(ValueError, match=f"{i64}: tensor '.*int64"):
+        ft.train(replace(cfg, init=str(i64), out_dir=str(tmp_path / "run")))
+    for out in ("cli", "run"):
+        assert not {"metrics.jsonl", "checkpoint.pth"} & {p.name for p in (tmp_path / out).iterdir()}
+        assert "epoch=" not in (tmp_path / out / "log.txt").read_text()
+
+
+def test_finetune_stops_at_the_first_non_finite_loss(ft_finished, tmp_path, monkeypatch):
+    """A NaN loss at the second step of epoch 2: one line naming the epoch, step, lr and cause; the checkpoint stays epoch 1's
+    (before: every epoch trained with loss null and was saved). The run then resumes from there."""
+    from lupnl.runs import NonFiniteLossError
+    cfg = replace(copy_run(ft_finished, tmp_path / "run"), epochs=2)
+    real, calls = ft.reid_losses, []
+    def nan_once(out, labels, c):
+        loss, ce, tri = real(out, labels, c)
+        calls.append(1)
+        return (loss * float("nan") if len(calls) == 2 else loss), ce, tri
+    monkeypatch.setattr(ft, "reid_losses", nan_once)
+    with pytest.raises(NonFiniteLossError) as e: ft.train(cfg)
+    msg, out = str(e.value), Path(cfg.out_dir)
+    assert isinstance(e.value, RuntimeError) and "\n" not in msg
+    assert re.search(r"^fine-tuning: the loss is not finite \(NaN or inf\) at epoch 2, step 2 of \d+ \(lr 0\.001\): "
+                     r"the learning rate is likely too high, or the weights or inputs are not finite", msg), msg
+    ck = load_checkpoint(out / "checkpoint.pth")
+    assert ck["epoch"] == 1 and all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
+    assert [r["epoch"] for r in read_metrics(out)] == [0]
+    monkeypatch.undo()
+    _, rows = ft.train(cfg)
+    assert [r["epoch"] for r in rows] == [0, 1] and all(math.isfinite(r["loss"]) for r in rows)
+
+
+def test_finetune_with_an_absurd_lr_stops_and_saves_nothing(tmp_path):
+    from lupnl.runs import NonFiniteLossError
+    cfg = ft.FinetuneConfig(**{**FT_TINY, "epochs": 2}, optimizer="sgd", lr=1e4, warmup_epochs=0, out_dir=str(tmp_path / "run"))
+    with pytest.raises(NonFiniteLossError, match=r"at epoch 1, step \d+ of \d+ \(lr 1e\+04\): the learning rate is likely too high"):
+        ft.train(cfg)
+    assert not {"metrics.jsonl", "checkpoint.pth"} & {p.name for p in (tmp_path / "run").iterdir()}
+
+
+def test_pretrain_stops_at_the_first_non_finite_loss(finished, tmp_path, monkeypatch):
+    from lupnl.runs import NonFiniteLossError
+    from lupnl.pnl import PNL
+    cfg = replace(copy_run(finished, tmp_path / "run"), epochs=2)
+    real, calls = PNL.forward, []
+    def nan_once(self, *a, **k):
+        out = real(self, *a, **k)
+        calls.append(1)
+        return dict(out, loss=out["loss"] * float("nan")) if len(calls) == 3 else out
+    monkeypatch.setattr(PNL, "forward", nan_once)
+    with pytest.raises(NonFiniteLossError, match=r"^pre-training: the loss is not finite \(NaN or inf\) at epoch 2, step 3 of 8 \(lr "):
+        train(cfg)
+    out = Path(cfg.out_dir)
+    ck = load_checkpoint(out / "checkpoint.pth")
+    assert ck["epoch"] == 1 and all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
+    assert [r["epoch"] for r in read_metrics(out)] == [0]
+
+
+def test_finetune_checkpoint_comes_before_the_final_evaluation(ft_finished, tmp_path, monkeypatch):
+    """The final evaluation fails (before: after the last epoch, whose checkpoint was not yet written): the epoch is kept;
+    the run restarted evaluates and logs it without training it again."""
+    cfg = replace(copy_run(ft_finished, tmp_path / "run"), epochs=2)
+    def broken(*a, **k): raise RuntimeError("the evaluation failed")
+    monkeypatch.setattr(ft, "evaluate", broken)
+    with pytest.raises(RuntimeError, match="the evaluation failed"): ft.train(cfg)
+    out = Path(cfg.out_dir)
+    assert load_checkpoint(out / "checkpoint.pth")["epoch"] == 2 and [r["epoch"] for r in read_metrics(out)] == [0]
+    monkeypatch.undo()
+    _, rows = ft.train(cfg)
+    assert [r["epoch"] for r in rows] == [0, 1] and "mAP" in rows[1] and "loss" in rows[1]
+    assert (out / "log.txt").read_text().count("epoch=1 ") == 1          # trained once, logged once
+
+
+def test_pretrain_checkpoint_comes_before_the_final_evaluation(finished, tmp_path, monkeypatch):
+    import lupnl.pretrain as pre
+    cfg = replace(copy_run(finished, tmp_path / "run"), epochs=2)
+    def broken(*a, **k): raise RuntimeError("the evaluation failed")
+    monkeypatch.setattr(pre, "evaluate", broken)
+    with pytest.raises(RuntimeError, match="the evaluation failed"): train(cfg)
+    out = Path(cfg.out_dir)
+    assert load_checkpoint(out / "checkpoint.pth")["epoch"] == 2 and [r["epoch"] for r in read_metrics(out)] == [0]
+    monkeypatch.undo()
+    rows = train(cfg)
+    assert [r["epoch"] for r in rows] == [0, 1] and "mAP" in rows[1] and "purity" in rows[1]
+
+
+def _bench_copy(tmp_path):
+    "A copy of the built-in benchmark (the one `ft_finished` trains on) in `tmp_path / 'bench'`."
+    import shutil
+    root = Path(ft.load_benchmark(ft.FinetuneConfig()).train[0].path).parents[1]
+    return Path(shutil.copytree(root, tmp_path / "bench"))
+
+
+def test_finetune_skips_and_counts_bad_benchmark_images(tmp_path, env):
+    """`python -m lupnl.finetune --data BENCH --epochs 2` where a gallery image is garbage, a query image 20000x20000 and a
+    training image zero bytes: exit 0, 2 rows, every skip counted (before: CorruptImageError mid-epoch, or after the last)."""
+    from test_bad_input_data import png_header
+    bench = _bench_copy(tmp_path)
+    cfg = ft.FinetuneConfig(**{**FT_TINY, "epochs": 2}, data=str(bench), out_dir=str(tmp_path / "run"))
+    b = ft.load_benchmark(cfg)
+    train_dl, _, _ = ft.build_loaders(cfg, b)
+    draws = []                                             # the training items the two epochs will request
+    for epoch in (0, 1):
+        train_dl.sampler.set_epoch(epoch)
+        draws += list(train_dl.sampler)
+    Path(train_dl.dataset.items[draws[0]].path).write_bytes(b"")
+    Path(b.gallery[5].path).write_bytes(b"garbage")
+    Path(b.query[3].path).write_bytes(png_header(20000, 20000))
+    res = subprocess.run([sys.executable, "-m", "lupnl.finetune", *config_args(cfg)], env=env, capture_output=True,
+                         text=True, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = read_metrics(cfg.out_dir)
+    assert [r["epoch"] for r in rows] == [0, 1] and rows[1]["skipped_eval_images"] == 2 and "mAP" in rows[1]
+    assert sum(r["skipped_images"] for r in rows) == draws.count(draws[0]) >= 1
+    assert f"corrupt images skipped: {draws.count(draws[0])}" in res.stdout
+    # the evaluation command: the same bench, the skipped images in its JSON
+    r = ev.main([str(Path(cfg.out_dir) / "checkpoint.pth"), "--data", str(bench), "--json", "--device", "cpu"])
+    assert r["skipped_eval_images"] == 2 and r["num_valid"] == rows[1]["num_valid"]
+
+
+def test_a_benchmark_split_that_cannot_be_read_is_refused_before_training(tmp_path, tiny_lmdb, tiny_config):
+    bench = _bench_copy(tmp_path)
+    gallery = ft.load_benchmark(ft.FinetuneConfig(data=str(bench))).gallery
+    for it in gallery: Path(it.path).write_bytes(b"garbage")
+    msg = f"{bench / 'bounding_box_test'}: none of its {len(gallery)} images can be read"
+    with pytest.raises(DataError, match=re.escape(msg)):
+        ft.train(ft.FinetuneConfig(**FT_TINY, data=str(bench), out_dir=str(tmp_path / "ft")))
+    with pytest.raises(DataError, match=re.escape(msg)):
+        train(tiny_config(tiny_lmdb, bench, tmp_path / "pre", 1))
+    for out in ("ft", "pre"): assert not (tmp_path / out / "checkpoint.pth").exists() and not (tmp_path / out / "metrics.jsonl").exists()
+
+
+def test_a_backbone_does_not_borrow_a_strangers_crop_size(finished, tmp_path):
+    "A ResNet-50 backbone beside a ResNet-18 run's checkpoint (32x16): before, evaluated at 32x16 without a word."
+    import shutil
+    shutil.copy(Path(finished.out_dir) / "checkpoint.pth", tmp_path)
+    shutil.copy(Path(finished.out_dir) / "backbone.safetensors", tmp_path)
+    export_safetensors(resnet_trunk("resnet50"), tmp_path / "r50.safetensors")
+    with pytest.warns(UserWarning, match="crop size") as w:
+        m = load_model(tmp_path / "r50.safetensors")
+    msg = " ".join(str(i.message) for i in w)
+    assert m.img_size == (256, 128)
+    assert (f"the run checkpoint beside it, {tmp_path / 'checkpoint.pth'}, describes another trunk: 'resnet18', not this "
+            f"file's 'resnet50'" in msg and "its crop size 32x16 is not borrowed" in msg and "unknown" in msg), msg
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        assert load_model(tmp_path / "backbone.safetensors").img_size == (32, 16)      # its own run's: borrowed
+    assert not [i for i in w if "crop size" in str(i.message)]
+
+
+def test_pretraining_on_one_identity_is_refused(tiny_lmdb, tiny_bench, tmp_path, tiny_config):
+    "Before: trained to loss_cls=0 acc_cls=100 without a word. MoCo, which reads no labels, still takes such data."
+    from lupnl.pretrain import build_data
+    ds = LMDBDataset(tiny_lmdb)
+    one = write_lmdb(tmp_path / "one_id", ((ds.read_bytes(i), 7) for i in range(32)), progress=False)
+    with pytest.raises(ValueError, match=r"1 identity in its labels \('pids'\): preset 'pnl' .* needs at least 2") as e:
+        train(tiny_config(one, tiny_bench, tmp_path / "run", 1))
+    assert str(one) in str(e.value) and not (tmp_path / "run" / "metrics.jsonl").exists()
+    assert len(build_data(tiny_config(one, tiny_bench, tmp_path / "moco", 1, preset="moco"))[0]) == 32

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from lupnl.data import DataError, LMDBDataset, load_keys, write_lmdb, read_benchmark, read_market1501, read_mars, write_lmdb_from_folder
+from lupnl.data import DataError, Item, LMDBDataset, load_keys, write_lmdb, read_benchmark, read_market1501, read_mars, write_lmdb_from_folder
 from lupnl.transforms import reid_test_transform
 from lupnl.toy import toy_dataset
 from lupnl.tracks import read_mot
@@ -260,3 +260,62 @@ def test_real_benchmarks_without_the_training_split(shared_data):
     for name in ("market1501-pepper-mini", "cuhk03-labeled-pair1", "mars-pepper-mini"):
         full, test_only = read_benchmark(shared_data / name), read_benchmark(shared_data / name, train=False)
         assert test_only.train == [] and test_only.query == full.query and test_only.gallery == full.gallery, name
+
+
+# ---------------------------------------------------------------- benchmark images handled like LMDB crops (issue 23)
+
+def png_header(w, h):
+    "The first bytes of a w×h RGB PNG (signature, IHDR, IEND): what PIL reads to learn the size, a few dozen bytes for any size."
+    import struct, zlib
+    chunk = lambda t, d: struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)) + chunk(b"IEND", b"")
+
+
+def _bench_items(tmp_path, bad):
+    "12 images of 3 identities (`<pid>_<k>.png`); those in `bad` (index -> bytes) hold those bytes instead."
+    rng = np.random.default_rng(0)
+    items = []
+    for i in range(12):
+        p = tmp_path / f"{i // 4}_{i % 4}.png"
+        p.write_bytes(bad[i] if i in bad else _png(rng.integers(0, 256, (16, 8, 3), dtype=np.uint8)))
+        items.append(Item(str(p), i // 4, i % 2))
+    return items
+
+
+@pytest.mark.parametrize("data,msg", [(png_header(20000, 20000), "is far over lupnl.data.MAX_IMAGE_SIDE = 4096 px"),
+                                      (png_header(5000, 3000), "is 5000x3000 px, over lupnl.data.MAX_IMAGE_SIDE = 4096 px"),
+                                      (b"", "corrupt image"), (b"garbage", "corrupt image")],
+                         ids=["20000x20000", "5000x3000", "zero_bytes", "garbage"])
+def test_benchmark_image_too_large_or_unreadable(tmp_path, data, msg):
+    "Before: a 20000x20000 image was decoded (gigabytes) or failed mid-epoch; a zero-byte one failed mid-epoch. Now refused from its header, named."
+    from lupnl.data import ImageDataset, CorruptImageError, MAX_IMAGE_SIDE
+    assert MAX_IMAGE_SIDE == 4096
+    items = _bench_items(tmp_path, {5: data})
+    with pytest.raises(CorruptImageError, match=msg) as e: ImageDataset(items)[5]           # 'raise': the default
+    assert items[5].path in str(e.value)
+    with pytest.warns(UserWarning, match=msg):
+        img, label, camid = ImageDataset(items, on_corrupt="skip")[5]   # another image of identity 1 in its place
+    assert label == 1 and np.asarray(img).shape == (16, 8, 3)
+
+
+def test_benchmark_images_skipped_and_counted_across_workers(tmp_path):
+    "'skip' (training): each bad image requested is counted, across 2 DataLoader workers, as LMDBDataset counts; 'drop' marks them."
+    from lupnl.data import ImageDataset
+    bad = {1: b"", 6: b"garbage", 11: png_header(5000, 10)}
+    items = _bench_items(tmp_path, bad)
+    train = ImageDataset(items, reid_test_transform((16, 8)), relabel=True, on_corrupt="skip")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        labels = torch.cat([y for _, y, _ in DataLoader(train, batch_size=4, num_workers=2)])
+        assert train.skipped == 3 and labels.tolist() == [i // 4 for i in range(12)]   # substitutes of the same identity
+        ok = torch.cat([b[3] for b in DataLoader(ImageDataset(items, reid_test_transform((16, 8)), on_corrupt="drop"), batch_size=5)])
+    assert ok.tolist() == [i not in bad for i in range(12)]
+
+
+def test_a_split_that_cannot_be_read_is_refused_up_front(tmp_path):
+    from lupnl.data import ImageDataset
+    items = _bench_items(tmp_path, {i: b"garbage" for i in range(12)})
+    for mode in ("skip", "drop"):
+        with pytest.raises(DataError, match=f"{tmp_path}: none of its 12 images can be read \\(the first: corrupt image "):
+            ImageDataset(items, on_corrupt=mode)
+        with pytest.raises(DataError, match="no images"): ImageDataset([], on_corrupt=mode)

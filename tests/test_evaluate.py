@@ -578,3 +578,24 @@ def test_cli_user_errors_are_one_line(shared_data, tmp_path):
                     "--size 128x64 does not fit the ONNX model", "fixed at 256x128")
     _one_line_error(cli(onnx, "--data", tmp_path / "nowhere", "--device", "cpu"), "benchmark root not found")
     _one_line_error(cli(onnx, "--device", "cpu7"), "--device cpu7")
+
+
+def test_unreadable_query_and_gallery_images_are_left_out_not_replaced(tmp_path):
+    """A garbage gallery image and an oversized query image (read by 2 DataLoader workers): left out of the evaluation,
+    which then scores exactly what the benchmark without them scores, and counted. Before: `CorruptImageError`."""
+    from PIL import Image
+    from lupnl.data import Item
+    rng = np.random.default_rng(0)
+    def item(name, pid, cam):
+        p = tmp_path / f"{name}.png"
+        Image.fromarray((40 * pid + rng.integers(0, 60, (16, 8, 3))).astype(np.uint8)).save(p)
+        return Item(str(p), pid, cam)
+    query = [item(f"q{pid}", pid, 0) for pid in range(5)]
+    gallery = [item(f"g{pid}_{k}", pid, 1) for pid in range(5) for k in range(3)]
+    (tmp_path / "g2_1.png").write_bytes(b"garbage")
+    Image.new("RGB", (5000, 4)).save(tmp_path / "q3.png")
+    model = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d((4, 2)), torch.nn.Flatten())
+    with pytest.warns(UserWarning, match="unreadable image"):
+        r = evaluate(model, query, gallery, size=(16, 8), num_workers=2, progress=False)
+    kept = lambda items: [i for i in items if Path(i.path).name not in ("g2_1.png", "q3.png")]
+    assert r == {**evaluate(model, kept(query), kept(gallery), size=(16, 8), progress=False), "skipped_eval_images": 2}
