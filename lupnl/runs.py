@@ -358,9 +358,10 @@ import sys
 from contextlib import contextmanager
 
 def user_error(e):
-    "Whether `e` is an error the user causes and fixes (a path, a size, a layout, a value): shown as one line."
+    "Whether `e` is an error the user causes and fixes (a path, a size, a layout, a value, a diverging run): shown as one line."
     data = sys.modules.get("lupnl.data")                   # loaded if it could have raised
-    return isinstance(e, (OSError, ValueError, OutDirInUse)) or (data is not None and isinstance(e, data.DataError))
+    return (isinstance(e, (OSError, ValueError, OutDirInUse)) or getattr(e, "one_line", False)   # e.g. NonFiniteLossError
+            or (data is not None and isinstance(e, data.DataError)))
 
 def _said(e):
     "The message of `e`: an `OSError`'s without its `[Errno 2]` prefix."
@@ -496,6 +497,7 @@ def save_metrics_plot(out_dir, panels, name="metrics.png"):
 # %% ../nbs/02a_runs.ipynb #c3668c8b
 class NonFiniteLossError(RuntimeError):
     "A training loss that is NaN or inf: the job stops there (a one-line message), its last checkpoint the last good epoch's."
+    one_line = True   # `user_errors` shows it as one line: the run diverged, the cause is the user's to fix
 
 class LossGuard:
     """Watch one epoch's losses: `guard(loss, step, lr)` notes the first step whose loss is not finite (on the loss's device,

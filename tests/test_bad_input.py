@@ -564,3 +564,14 @@ def test_pretraining_on_one_identity_is_refused(tiny_lmdb, tiny_bench, tmp_path,
         train(tiny_config(one, tiny_bench, tmp_path / "run", 1))
     assert str(one) in str(e.value) and not (tmp_path / "run" / "metrics.jsonl").exists()
     assert len(build_data(tiny_config(one, tiny_bench, tmp_path / "moco", 1, preset="moco"))[0]) == 32
+
+
+def test_diverging_run_is_one_line_on_the_command_line(tmp_path):
+    "A loss that turns NaN stops `python -m lupnl.finetune` with one line naming the step and lr, exit status 2."
+    args = [f"--{k}={','.join(map(str, v)) if isinstance(v, tuple) else v}" for k, v in FT_TINY.items()]
+    res = subprocess.run([sys.executable, "-m", "lupnl.finetune", *args, "--optimizer", "sgd", "--lr", "1e4",
+                          "--out_dir", str(tmp_path / "run")], capture_output=True, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    err = [l for l in res.stderr.splitlines() if "error" in l]
+    assert res.returncode == 2 and "Traceback" not in res.stderr and len(err) == 1, res.stderr[-2000:]
+    assert "the loss is not finite" in err[0] and "(lr " in err[0] and "at epoch 1, step " in err[0]
