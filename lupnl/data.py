@@ -5,9 +5,9 @@
 # %% auto #0
 __all__ = ['LABEL_FIELDS', 'PER_IMAGE_FIELDS', 'INT_FIELDS', 'IMG_EXTS', 'Item', 'MAX_IMAGE_SIDE', 'DataError',
            'DataNotFoundError', 'UnsafePickleError', 'MissingKeyError', 'CorruptImageError', 'load_keys', 'write_lmdb',
-           'write_lmdb_from_folder', 'LMDBDataset', 'LMDBCrops', 'Benchmark', 'read_market1501', 'read_dukemtmc',
-           'read_cuhk03_np', 'read_msmt17', 'read_cuhk03_pairs', 'read_mars', 'read_benchmark', 'ImageDataset',
-           'subset_identities', 'subset_shots']
+           'write_lmdb_from_folder', 'LMDBDataset', 'LMDBCrops', 'crops_lmdb', 'Benchmark', 'read_market1501',
+           'read_dukemtmc', 'read_cuhk03_np', 'read_msmt17', 'read_cuhk03_pairs', 'read_mars', 'read_benchmark',
+           'ImageDataset', 'subset_identities', 'subset_shots']
 
 # %% ../nbs/00_data.ipynb #a60ca154
 import io, itertools, os, re, json, math, pickle, shutil, uuid, time, warnings
@@ -395,6 +395,42 @@ class LMDBCrops(Dataset):
         self.camids = np.zeros(len(self.index), np.int64) if camids is None else np.asarray(camids)
     def __len__(self): return len(self.index)
     def __getitem__(self, i): return self.data[int(self.index[i])][0], int(self.pids[i]), int(self.camids[i])
+
+# %% ../nbs/00_data.ipynb #924d82cb
+def _crop_files(folder):
+    "`[(relative path, size, mtime_ns)]` of the images `write_lmdb_from_folder` reads in `folder`: its subfolders', else its own."
+    subs = sorted(d for d in folder.iterdir() if d.is_dir())
+    files = [f for d in subs for f in sorted(d.iterdir()) if _is_img(f)] if subs else sorted(f for f in folder.iterdir() if _is_img(f))
+    return [(f.relative_to(folder).as_posix(), (s := f.stat()).st_size, s.st_mtime_ns) for f in files]
+
+def crops_lmdb(folder, cache=None, progress=True):
+    """The LMDB folder of `folder`: `folder` itself if it holds `keys.pkl`, else its crops (`write_lmdb_from_folder`'s layouts)
+    converted once into `cache` (default `$LUPNL_DATA/folders`, else `~/.cache/lupnl/folders`), reused while they are unchanged."""
+    import hashlib
+    p = _require(folder, "LMDB folder")   # (or crops folder)
+    if not p.is_dir() or (p / "keys.pkl").exists(): return p
+    if (p / "bounding_box_train").is_dir():
+        raise DataError(f"{p}: a benchmark (Market-1501 layout), not training crops: use it as the benchmark, or its "
+                        f"bounding_box_train folder as the data")
+    files = _crop_files(p)
+    if not files:
+        raise DataNotFoundError(f"keys file not found: {p / 'keys.pkl'} ({p} is neither a LUPerson-NL LMDB nor a folder of crops, "
+                                f"<label>/<image> or <label>_*.jpg; lupnl.data.write_lmdb_from_folder(folder, out_dir) "
+                                f"converts crops into an LMDB)")
+    root = Path(cache) if cache else Path(os.environ.get("LUPNL_DATA", "~/.cache/lupnl")).expanduser() / "folders"
+    out = root / f"{p.name}-{hashlib.sha256(json.dumps(files).encode()).hexdigest()[:12]}"
+    if (out / "keys.pkl").exists():
+        if progress: print(f"{p}: {len(files)} crops, read from their LMDB {out} (converted before)", flush=True)
+        return out
+    if progress: print(f"{p}: {len(files)} crops, converted once into the LMDB {out} (reused while they are unchanged)", flush=True)
+    tmp = root / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        write_lmdb_from_folder(p, tmp, progress=progress)
+        try: os.rename(tmp, out)
+        except OSError:
+            if not (out / "keys.pkl").exists(): raise    # else another process converted it first
+    finally: shutil.rmtree(tmp, ignore_errors=True)
+    return out
 
 # %% ../nbs/00_data.ipynb #38b4661a
 Item = namedtuple("Item", "path pid camid")

@@ -6,10 +6,10 @@
 __all__ = ['PRESETS', 'ARCH_CHOICES', 'VIEWS', 'RECIPES', 'BLUR_SIGMA', 'BLUR_HEIGHT', 'config_parser', 'parse_config',
            'LOSS_KEYS', 'PANELS', 'ABLATION', 'TRACKER_NOISE', 'SUMMARY', 'PretrainMethod', 'PretrainConfig',
            'scaled_proto_momentum', 'blur_sigma', 'resolve_config', 'LARS', 'build_optimizer', 'label_scores',
-           'held_out_split', 'build_model', 'trunk_kwargs', 'strong_view', 'weak_view', 'build_data', 'monitor_sample',
-           'monitor_row', 'PretrainRun', 'start_run', 'check_resumable_recipe', 'resume', 'device_views',
-           'train_one_epoch', 'validation_scores', 'end_epoch', 'log_epoch', 'finish_run', 'train', 'main',
-           'torchrun_command', 'launch', 'ablation_configs', 'finished_rows', 'random_init_scores', 'train_all',
+           'held_out_split', 'build_model', 'trunk_kwargs', 'strong_view', 'weak_view', 'build_data', 'data_header',
+           'monitor_sample', 'monitor_row', 'PretrainRun', 'start_run', 'check_resumable_recipe', 'resume',
+           'device_views', 'train_one_epoch', 'validation_scores', 'end_epoch', 'log_epoch', 'finish_run', 'train',
+           'main', 'torchrun_command', 'launch', 'ablation_configs', 'finished_rows', 'random_init_scores', 'train_all',
            'train_ablation', 'search_configs', 'select_settings', 'summarize_ablation', 'plot_ablation']
 
 # %% ../nbs/03_pretrain.ipynb #2e591967
@@ -62,7 +62,8 @@ class PretrainMethod:
 @dataclass
 class PretrainConfig(PretrainMethod):
     "All settings of a pre-training run: the papermill parameters of `03_pretrain` and the flags of `python -m lupnl.pretrain`."
-    data: str = opt(None, "LUPerson-NL LMDB folder; none: the built-in toy dataset (generated if absent)")
+    data: str = opt(None, "LUPerson-NL LMDB folder, or a folder of crops (<label>/<image>, converted once into a cached LMDB: "
+                    "lupnl.data.crops_lmdb); none: the built-in toy dataset (generated if absent)")
     out_dir: str = opt("runs/pretrain", "metrics.jsonl, checkpoint.pth, backbone.pth / .safetensors, metrics.png go here")
     arch: str = opt("resnet18", "trunk: a torchvision ResNet, or a timm ViT (random init)", ref="resnet50", choices=ARCH_CHOICES)
     trunk_depth: int = opt(None, "ViT only, a test/debug knob: transformer blocks (none: the arch's own)", lo=1)
@@ -79,7 +80,7 @@ class PretrainConfig(PretrainMethod):
     momentum: float = opt(0.9, "SGD momentum", ref=0.9, lo=0, hi=1)
     img_size: tuple = opt((32, 16), "(height, width) of the crops, e.g. 256x128", ref="256x128", lo=1)
     amp: bool = opt(True, "mixed precision (CUDA only)", ref=True)
-    workers: int = opt(0, "data-loading processes per training process", ref=32, lo=0)
+    workers: int = opt(0, "data-loading processes per training process", ref="32 in all (4 per process on 8 GPUs)", lo=0)
     seed: int = opt(0, "every epoch reseeds from (seed, epoch, rank): resumed runs replay exactly", lo=0)
     device: str = opt("auto", "auto (CUDA if available), cpu, cuda, cuda:1, ...")
     eval_every: int = opt(1, "retrieval evaluation every N epochs and at the end (0: only at the end)", ref=3, lo=0)
@@ -236,6 +237,8 @@ def weak_view(size, defer=False):
     return reid_train_transform(size, pad=max(1, round(10 * size[0] / 256)), erase=0, defer=defer)
 
 # %% ../nbs/03_pretrain.ipynb #fdb40d9d
+from .data import crops_lmdb
+
 def _built_in_data(rank):
     "The built-in toy dataset; rank 0 generates it (if absent) while the other ranks wait."
     if rank == 0: toy = toy_dataset()
@@ -252,10 +255,17 @@ def _check_data(cfg, dataset, data_root, bench):
     b = read_benchmark(bench, train=False)                       # the evaluation's splits, each with a readable image
     for items in (b.query, b.gallery): ImageDataset(items, on_corrupt="drop")
 
+def _data_root(cfg, rank):
+    "The LMDB of `cfg.data`: the folder itself, or its crops converted once (`lupnl.data.crops_lmdb`); rank 0 converts, the others wait."
+    if rank == 0: root = crops_lmdb(cfg.data)
+    if dist.is_initialized(): dist.barrier()
+    return root if rank == 0 else crops_lmdb(cfg.data, progress=False)
+
+# %% ../nbs/03_pretrain.ipynb #da36d340
 def build_data(cfg, rank=0, world_size=1, cuda=False, defer=None):
     "`(dataset, sampler, loader, bench)`: two views of every crop, this rank's shard of each epoch, the benchmark; `defer` (default: on CUDA) leaves the per-pixel steps to `device_views`."
     toy = _built_in_data(rank) if cfg.data is None or cfg.bench is None else None
-    data_root, bench = cfg.data or toy.lmdb, cfg.bench or toy.bench
+    data_root, bench = _data_root(cfg, rank) if cfg.data else toy.lmdb, cfg.bench or toy.bench
     make = dict(weak=weak_view, strong=strong_view)                  # resolve_config: the preset's views
     defer = cuda if defer is None else defer
     views = TwoViewTransform(*(make[v](cfg.img_size, defer=defer) for v in resolve_config(cfg).views.split(",")))
@@ -271,6 +281,18 @@ def build_data(cfg, rank=0, world_size=1, cuda=False, defer=None):
                                          num_workers=cfg.workers, pin_memory=cuda, drop_last=True)
     if len(loader) == 0: raise ValueError(f"{data_root}: {len(dataset)} images make no batch of {cfg.batch_size}")
     return dataset, sampler, loader, bench
+
+# %% ../nbs/03_pretrain.ipynb #8a04c37f
+def data_header(cfg, dataset, bench):
+    "A run's first lines: its data and benchmark with their sizes, and a warning where the user's data is scored on the built-in benchmark."
+    shown = lambda given, path: f"{given} (LMDB {path})" if given and str(path) != str(given) else given or f"built-in ({path})"
+    b, held = read_benchmark(bench, train=False), f", {cfg.val_ids} identities held out for validation" if cfg.val_ids else ""
+    lines = [f"data: {shown(cfg.data, dataset.root)}: {len(dataset)} images, {dataset.num_classes} labels{held}",
+             f"benchmark: {shown(cfg.bench, bench)}: {len(b.query)} queries, {len(b.gallery)} gallery images"]
+    if cfg.data and not cfg.bench:
+        lines.append("WARNING: retrieval (mAP, rank-1) is scored on the built-in cartoon benchmark, not on anything like your data: "
+                     "pass --bench FOLDER (Market-1501 layout) to score it on yours")
+    return lines
 
 # %% ../nbs/03_pretrain.ipynb #3f1e8702
 def monitor_sample(dataset, n, size, seed=0):
@@ -325,6 +347,8 @@ def start_run(cfg, rank=0, world_size=1, device=torch.device("cpu")):
     if cfg.batch_size % world_size: raise ValueError(f"batch_size {cfg.batch_size} is not divisible by {world_size} processes")
     seed_everything(cfg.seed)
     dataset, sampler, loader, bench = build_data(cfg, rank, world_size, cuda)
+    for line in data_header(cfg, dataset, bench) if rank == 0 else ():
+        print(line, file=sys.stderr if line.startswith("WARNING") else sys.stdout, flush=True)
     cfg = resolve_config(asked, (len(dataset), dataset.num_classes))     # + the prototype momentum, from the data
     model = build_model(cfg, dataset.num_classes).to(device)
     if cuda: model, torch.backends.cudnn.benchmark = model.to(memory_format=torch.channels_last), True
@@ -522,7 +546,7 @@ def finished_rows(cfg):
     out = Path(cfg.out_dir)
     rows = read_metrics(out)
     if len(rows) != cfg.epochs or not (out / "backbone.pth").exists(): return None
-    data = LMDBDataset(cfg.data) if cfg.data else None                 # the prototype momentum follows the data
+    data = LMDBDataset(crops_lmdb(cfg.data, progress=False)) if cfg.data else None                 # the prototype momentum follows the data
     try: check_resumable(load_checkpoint(out / "checkpoint.pth"), resolve_config(cfg, data and (len(data), data.num_classes)),
                          out / "checkpoint.pth")
     except ValueError: return None                       # another run's settings: train afresh (resume='never')

@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['to_png', 'image_getter', 'sample_by_label', 'umap_embed', 'label_centroids', 'nearest_labels', 'label_suspects',
-           'ClusterExplorer', 'RetrievalBrowser']
+           'ClusterExplorer', 'RetrievalBrowser', 'explorer_data']
 
 # %% ../nbs/06_widgets.ipynb #11f407e5
 import io, warnings
@@ -301,6 +301,11 @@ def set_color(self: ClusterExplorer, by):
 def draw(self: ClusterExplorer):
     "Redraw the map: points coloured by `color_by` (`plot_data`), the selected label's points ringed in black."
     self.plot_data = self.colors_for(self.color_by)
+    self.plot.value = _png(self.figure())
+
+@patch
+def figure(self: ClusterExplorer):
+    "The map as a matplotlib `Figure` (what the widget shows, e.g. to save from a headless run)."
     e, sel = self.embedding, self.labels[self.sample] == self.selected_label
     fig = Figure(figsize=(4.2, 4.0), dpi=100)
     ax = fig.add_subplot()
@@ -311,7 +316,7 @@ def draw(self: ClusterExplorer):
     ax.title.set_fontsize(9)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    self.plot.value = _png(fig)
+    return fig
 
 @patch
 def thumbnail(self: ClusterExplorer, i):
@@ -501,6 +506,28 @@ def _show_results(self: RetrievalBrowser, q):
         cells.append(self._cell(self._thumb(self.get_gallery, "g", g), cap, color))
     self.results.children = cells
 
+# %% ../nbs/06_widgets.ipynb #f26dc3c3
+@patch
+def figure(self: RetrievalBrowser, q=None):
+    "Query `q` (default: the one shown) and its top-k as a matplotlib `Figure`, framed and captioned as in the widget (e.g. to save from a headless run)."
+    if q is not None: self.show(q)
+    if self.query_index is None: raise ValueError("RetrievalBrowser.figure: no query is shown (the filter matches none)")
+    q = self.query_index
+    cells = [(self._thumb(self.get_query, "q", q), "#36c", f"query\nid {self.q_pids[q]} cam {self.q_camids[q]}")]
+    cells += [(self._thumb(self.get_gallery, "g", g), _MARKS[m][0], f"{r}. d={self.distmat[q, g]:.3f}\nid {self.g_pids[g]} cam {self.g_camids[g]}\n{m}")
+              for r, (g, m) in enumerate(zip(self.topk, self.marks), 1)]
+    fig = Figure(figsize=(1.15 * len(cells), 2.9), dpi=100)
+    for j, (png, color, cap) in enumerate(cells):
+        ax = fig.add_subplot(1, len(cells), j + 1)
+        if png is not None: ax.imshow(Image.open(io.BytesIO(png)))
+        ax.set(xticks=[], yticks=[])
+        for s in ax.spines.values(): s.set(edgecolor=color, linewidth=3)
+        ax.set_xlabel(cap, fontsize=7, color=color if j else "black")
+    ap = "n/a" if np.isnan(self.ap[q]) else f"{self.ap[q]:.3f}"
+    fig.suptitle(f"query #{q}: AP {ap}; {len(self.failures)} of {len(self.ap)} queries have AP < {self.threshold:.2f}", fontsize=9)
+    fig.tight_layout()
+    return fig
+
 # %% ../nbs/06_widgets.ipynb #6d89ade7
 class _LabelledItems(Dataset):
     "Items `idx` of a dataset of `(img, label, ...)` as the `(img, label, camid=-1)` batches `extract_features` reads."
@@ -528,7 +555,35 @@ def from_model(cls: ClusterExplorer, model, dataset, corrected=None, pool_size=1
     ex = cls(feats, labels[pool], images=lambda j: dataset.image(pool[j]), corrected=corrected,
              true_labels=None if true is None else np.asarray(true)[pool], sample_size=sample_size, seed=seed, **kwargs)
     ex.pool = pool
+    ex.source = (f"{getattr(dataset, 'root', type(dataset).__name__)}: {len(dataset)} images, {len(np.unique(labels[known]))} labels; "
+                 f"{len(pool)} embedded, {len(ex.sample)} on the map")
     return ex
+
+# %% ../nbs/06_widgets.ipynb #0acc2204
+from .data import crops_lmdb, DataError
+
+class _BenchmarkTrain(ImageDataset):
+    "A benchmark's training images as the explorer reads a dataset: `labels` (identities), `meta`, `image(i)` (no transform), `root`."
+    def __init__(self, bench, folder, transform):
+        super().__init__(bench.train, transform)
+        self.root, self.labels, self.meta, self._raw = f"{folder} (its training images)", self.targets, {}, ImageDataset(bench.train)
+    def image(self, i): return self._raw[int(i)][0]
+
+def explorer_data(model, data=None, name="the checkpoint"):
+    """The dataset the explorer shows for `model` (from `load_model`): `data` (an LMDB or a folder of crops); else its pre-training
+    run's data; else its fine-tuning run's benchmark's training images; else the built-in LMDB, with a warning if that is not its run's."""
+    cfg, tf = model.config or {}, reid_test_transform(model.img_size)
+    run_data = cfg.get("data")
+    if data is None and run_data is not None and model.kind == "finetune":
+        try: bench = read_benchmark(run_data)
+        except (OSError, DataError): bench = None                     # not here, or no training split
+        if bench is not None and bench.train: return _BenchmarkTrain(bench, run_data, tf)
+    if data is None and model.kind == "pretrain": data = run_data
+    if data is None and (run_data is not None or not cfg):
+        warnings.warn(f"ClusterExplorer: {name} " + (f"was trained on {run_data}, whose training images are not there to show"
+                      if run_data is not None else "names no training data") +
+                      f": showing the built-in toy data instead (pass data=LMDB or a folder of crops)", stacklevel=2)
+    return LMDBDataset(crops_lmdb(data, progress=False) if data else toy_dataset(progress=False).lmdb, tf)
 
 # %% ../nbs/06_widgets.ipynb #09f43088
 def _read_run(checkpoint, device):
@@ -540,12 +595,10 @@ def _read_run(checkpoint, device):
 
 @patch(cls_method=True)
 def from_checkpoint(cls: ClusterExplorer, checkpoint, data=None, device="cpu", **kwargs):
-    """Explorer of a lupnl checkpoint's model (any file `load_model` reads) on the LMDB `data` (default: the pre-training
-    run's, else the built-in one); for a pre-training checkpoint, corrected labels = the run's current labels."""
+    """Explorer of a lupnl checkpoint's model (any file `load_model` reads) on `explorer_data`: `data` (an LMDB or a folder of crops),
+    else the run's data, else the built-in LMDB (said); for a pre-training checkpoint, corrected labels = the run's current labels."""
     model, run_labels, fingerprint = _read_run(checkpoint, device)
-    cfg = model.config or {}
-    ds = LMDBDataset(data or (cfg.get("data") if model.kind == "pretrain" else None) or toy_dataset().lmdb,
-                     reid_test_transform(model.img_size))
+    ds = explorer_data(model, data, str(checkpoint))
     corrected = None
     if run_labels is not None:
         found = lmdb_fingerprint(ds)
@@ -553,21 +606,25 @@ def from_checkpoint(cls: ClusterExplorer, checkpoint, data=None, device="cpu", *
             raise ValueError(f"{checkpoint}: the run trained on other data ({fingerprint or len(run_labels)} images) than "
                              f"{ds.root} ({found}): pass the run's LMDB as data")
         corrected = np.where(run_labels >= 0, ds.classes[np.clip(run_labels, 0, None)], -1)  # class index -> raw label
-    return cls.from_model(model, ds, corrected=corrected, **kwargs)
+    ex = cls.from_model(model, ds, corrected=corrected, **kwargs)
+    ex.model_info = f"{checkpoint}: a {model.kind} model, {model.img_size[0]}x{model.img_size[1]} crops"
+    return ex
 
 # %% ../nbs/06_widgets.ipynb #1fbfe375
 @patch(cls_method=True)
 def from_model(cls: RetrievalBrowser, model, bench, size=None, batch_size=64, device=None, metric="cosine", **kwargs):
     """Browser of `model` on a benchmark (a `Benchmark` or its folder): features, distances and AP from `lupnl.evaluate`,
     at crop `size` (default: the model's `img_size`, else 256x128)."""
-    bench = read_benchmark(bench) if isinstance(bench, (str, Path)) else bench
+    where, bench = (bench, read_benchmark(bench)) if isinstance(bench, (str, Path)) else (bench.name, bench)
     tf = reid_test_transform(size or getattr(model, "img_size", None) or DEFAULT_SIZE)
     def feats(items, what):
         return extract_features(model, DataLoader(ImageDataset(items, tf), batch_size=batch_size), device=device, desc=what)
     qf, qp, qc = feats(bench.query, "query")
     gf, gp, gc = feats(bench.gallery, "gallery")
-    return cls(compute_distance(qf, gf, metric), qp.numpy(), gp.numpy(), qc.numpy(), gc.numpy(),
-               [i.path for i in bench.query], [i.path for i in bench.gallery], **kwargs)
+    rb = cls(compute_distance(qf, gf, metric), qp.numpy(), gp.numpy(), qc.numpy(), gc.numpy(),
+             [i.path for i in bench.query], [i.path for i in bench.gallery], **kwargs)
+    rb.source = f"{where}: {len(bench.query)} queries, {len(bench.gallery)} gallery images"
+    return rb
 
 @patch(cls_method=True)
 def from_checkpoint(cls: RetrievalBrowser, checkpoint, bench=None, device="cpu", **kwargs):

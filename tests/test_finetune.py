@@ -238,6 +238,23 @@ def test_tensorboard_events(ft_finished):
     assert [e.step for e in acc.Scalars("mAP")] == [0] and [i.step for i in acc.Images("curves")] == [0]
 
 
+def test_lr_steps_follow_epochs(ft_finished):
+    "Issue 22: lr_steps default to None, the reference's steps (BoT 40,70 of 120; MGN 40,60 of 80) scaled to the run, so the lr"
+    " decays at --epochs 4 (the old default (5,) never did); explicit steps win; --help and the checkpoint say which."
+    from lupnl.finetune import config_parser, resolve_config
+    from lupnl.runs import learning_rate
+    assert FinetuneConfig().lr_steps is None and parse_config([]).lr_steps is None
+    four = resolve_config(FinetuneConfig(epochs=4))
+    assert four.lr_steps == (1, 2) and learning_rate(four, 3.5) == pytest.approx(four.lr / 100)
+    assert resolve_config(FinetuneConfig()).lr_steps == (2, 4) and resolve_config(FinetuneConfig(epochs=120)).lr_steps == (40, 70)
+    assert resolve_config(FinetuneConfig(model="mgn", epochs=80)).lr_steps == (40, 60)
+    assert resolve_config(parse_config(["--epochs", "4", "--lr_steps", "3"])).lr_steps == (3,)
+    assert "BoT 40,70 of 120, MGN 40,60 of 80" in " ".join(config_parser().format_help().split())
+    saved = torch.load(Path(ft_finished.out_dir) / "checkpoint.pth", weights_only=True)["config"]
+    assert ft_finished.lr_steps is None and tuple(saved["lr_steps"]) == ()      # stored resolved: 1 epoch, no step
+    assert "divided by 10 at epochs none (the bot reference's, scaled to 1 epochs)" in (Path(ft_finished.out_dir) / "log.txt").read_text()
+
+
 # ---------------------------------------------------------------- resume
 
 @pytest.mark.slow
@@ -247,11 +264,13 @@ def test_resume_continues_and_replays_exactly(tmp_path, ft_finished):
     assert replace(ft_finished, out_dir=str(a)) == FinetuneConfig(**TINY, epochs=1, out_dir=str(a))
     ckpt = torch.load(a / "checkpoint.pth", weights_only=True)
     assert ckpt["epoch"] == 1
-    model_a, rows_a = train(FinetuneConfig(**TINY, epochs=2, out_dir=str(a)))     # resume="auto": one more epoch
+    with pytest.raises(ValueError, match=r"(?s)lr_steps: \(\) in the checkpoint, \(1,\) now.*follow epochs when left None.*--lr_steps ''"):
+        train(FinetuneConfig(**TINY, epochs=2, out_dir=str(a)))       # lr_steps None: the 2-epoch run's would differ
+    model_a, rows_a = train(FinetuneConfig(**TINY, epochs=2, lr_steps=(), out_dir=str(a)))   # resume="auto": one more epoch
     assert [r["epoch"] for r in rows_a] == [0, 1]
     log = (a / "log.txt").read_text()
     assert "resumed from" in log and log.count("epoch=1 ") == 1 and log.count("epoch=0 ") == 1
-    model_b, rows_b = train(FinetuneConfig(**TINY, epochs=2, out_dir=str(b)))
+    model_b, rows_b = train(FinetuneConfig(**TINY, epochs=2, lr_steps=(), out_dir=str(b)))
     for (k, va), vb in zip(model_a.state_dict().items(), model_b.state_dict().values()):
         torch.testing.assert_close(va, vb, rtol=0, atol=0, msg=f"resumed != uninterrupted at {k}")
     assert rows_a[-1]["mAP"] == rows_b[-1]["mAP"]
