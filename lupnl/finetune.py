@@ -218,6 +218,7 @@ def start_run(cfg):
     resume(run)
     return run
 
+# %% ../nbs/04_finetune.ipynb #7280ddee
 def resume(run):
     "Continue `run` from the checkpoint `cfg.resume` asks for, if it is a fine-tuning checkpoint of this run."
     def check(ck, path):
