@@ -569,14 +569,20 @@ def _train_process(cfg):
                             stdout=f, stderr=subprocess.STDOUT, env=env).returncode
     if rc: raise RuntimeError(f"pre-training {cfg.preset} seed {cfg.seed} failed (exit {rc}): see {log}")
 
-def train_all(cfgs, jobs=1, desc="runs"):
-    "Train every config of the dict `cfgs` not yet finished, `jobs` one-thread processes at a time: `{key: metrics rows}`."
+def train_all(cfgs, jobs=1, desc="runs", keep_failed=False):
+    """Train every config of the dict `cfgs` not yet finished, `jobs` one-thread processes at a time: `{key: metrics rows}`;
+    a run that fails (e.g. diverges at a high lr) raises, or with `keep_failed` gets `None` (its log says why)."""
     from concurrent.futures import ThreadPoolExecutor
+    def attempt(c):
+        try: _train_process(c)
+        except RuntimeError as e:
+            if not keep_failed: raise
+            print(e, flush=True)
     done = {k: finished_rows(c) for k, c in cfgs.items()}
     todo = [c for k, c in cfgs.items() if done[k] is None]
     with ThreadPoolExecutor(max(1, jobs)) as pool:
-        list(tqdm(pool.map(_train_process, todo), total=len(todo), desc=desc, disable=not todo))
-    return {k: done[k] or read_metrics(c.out_dir) for k, c in cfgs.items()}
+        list(tqdm(pool.map(attempt, todo), total=len(todo), desc=desc, disable=not todo))
+    return {k: done[k] or finished_rows(c) for k, c in cfgs.items()}
 
 # %% ../nbs/03_pretrain.ipynb #14afee85
 def train_ablation(cfg, presets=tuple(ABLATION), seeds=(0, 1, 2), jobs=1, settings=None):
@@ -610,10 +616,10 @@ def select_settings(cfg, presets=tuple(ABLATION), lr_factors=(1, 3, 10), budgets
     "Train the grid and keep, per row, the (lr, epochs) of the best validation mAP: `({row: dict(lr=, epochs=)}, grid DataFrame)`."
     import pandas as pd
     grid = search_configs(cfg, presets, lr_factors, budgets)
-    runs = train_all(grid, jobs, "search runs")
-    table = pd.DataFrame([dict(model=p, lr_factor=f, epochs=e, lr=grid[p, f, e].lr, val_mAP=runs[p, f, e][-1]["val_mAP"])
-                          for p, f, e in grid])
-    best = table.sort_values(["val_mAP", "epochs"], ascending=[False, True]).groupby("model", sort=False).head(1)
+    runs = train_all(grid, jobs, "search runs", keep_failed=True)       # a diverged run: val_mAP NaN, never chosen
+    table = pd.DataFrame([dict(model=p, lr_factor=f, epochs=e, lr=grid[p, f, e].lr,
+                               val_mAP=runs[p, f, e][-1]["val_mAP"] if runs[p, f, e] else float("nan")) for p, f, e in grid])
+    best = table.dropna().sort_values(["val_mAP", "epochs"], ascending=[False, True]).groupby("model", sort=False).head(1)
     best = best.set_index("model").loc[list(presets)].assign(at_cap=lambda b: b.epochs == max(budgets))
     table.to_csv(Path(cfg.out_dir) / "search.csv", index=False)
     return {p: dict(lr=float(b.lr), epochs=int(b.epochs)) for p, b in best.iterrows()}, best
