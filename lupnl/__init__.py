@@ -19,3 +19,9 @@ def __getattr__(name):
 def __dir__():
     "What `dir(lupnl)` and tab completion show: the module's names and the lazy `load_model`."
     return sorted({*globals(), *_all_})
+
+# %% ../nbs/index.ipynb #69af5387
+import os as _os
+# torch makes its compile cache folder (empty) in the temp folder when torchvision is imported; a lupnl run writes only to
+# its out_dir, so unless the user chose a place, that folder goes under lupnl's own cache instead
+_os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", _os.path.join(_os.path.expanduser("~"), ".cache", "lupnl", "torchinductor"))

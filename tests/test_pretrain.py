@@ -70,8 +70,7 @@ def test_papermill_defaults(tmp_path, env):
     assert "Unable to parse" not in res.stdout + res.stderr, res.stderr[-3000:]
     assert sorted(p.name for p in out.glob("*.png")) == ["metrics.png"]
     assert list(out.glob("events.out.tfevents.*"))
-    # torch itself makes an empty torchinductor_<user> cache folder in TMPDIR when torchvision imports torch._dynamo
-    left = sorted(p.name for p in tmp.iterdir() if not (p.name.startswith("torchinductor_") and not any(p.iterdir())))
+    left = sorted(p.name for p in tmp.iterdir())   # torch's compile cache folder too goes elsewhere (lupnl/__init__.py)
     assert left == [], f"the run left files in TMPDIR: {left}"
 
 
