@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['ABLATIONS', 'world_size', 'concat_all_gather', 'batch_shuffle_ddp', 'batch_unshuffle_ddp', 'momentum_update_',
            'enqueue_', 'update_prototypes_loop_', 'update_prototypes_', 'correct_labels', 'correct_labels_logp',
-           'instance_loss', 'ghost_bn_embed', 'PNL', 'effective_rank', 'monitor_summary', 'collapse_warnings']
+           'instance_loss', 'ghost_bn_embed', 'PNL', 'effective_rank']
 
 # %% ../nbs/02b_pnl.ipynb #dff9af0c
 import math
@@ -416,28 +416,3 @@ def monitor(self:PNL, im, batch_size=256):
             parts.append(r)
         return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
     finally: enc.train(was)
-
-# %% ../nbs/02b_pnl.ipynb #dbe1d332
-def monitor_summary(mon, labels=None, threshold=0.8):
-    "The logged numbers from `PNL.monitor`'s output: embedding mean norm and effective rank, confidences, nearest-prototype hits."
-    out = dict(emb_mean_norm=float(mon["emb"].mean(0).norm()), emb_eff_rank=effective_rank(mon["emb"])) if "emb" in mon else {}
-    if "emb_inst" in mon: out["emb_inst_eff_rank"] = effective_rank(mon["emb_inst"])
-    if "cls_conf" in mon: out["cls_conf_median"] = float(mon["cls_conf"].median())
-    if "proto_conf" in mon: out["proto_conf_median"] = float(mon["proto_conf"].median())
-    if "mixed_score" in mon: out["above_threshold"] = float((mon["mixed_score"] > threshold).float().mean())
-    if "proto_nearest" in mon and labels is not None:
-        out["proto_top1"] = float((mon["proto_nearest"].cpu() == labels.cpu()).float().mean())
-    return out
-
-def collapse_warnings(row, queue_size):
-    """Warnings for a metrics `row`: a dead instance branch (`loss_inst` within 2% of ln(queue_size+1), unless its top-1
-    accuracy `acc_inst` is at least 5x chance: a label-guided loss averages over several positives and sits high while
-    learning) or a collapsing embedding (`emb_eff_rank` < 8)."""
-    out, lnk = [], math.log(queue_size + 1)
-    li, rank = row.get("loss_inst"), row.get("emb_eff_rank")
-    alive = row.get("acc_inst") is not None and queue_size > 0 and row["acc_inst"] >= 5 * 100 / (queue_size + 1)
-    if queue_size > 0 and li is not None and li > 0 and abs(li - lnk) <= 0.02 * lnk and not alive:
-        out.append(f"WARNING: instance loss {li:.3f} is within 2% of ln(queue+1) = {lnk:.3f}: the instance branch has stopped learning")
-    if rank is not None and rank < 8:
-        out.append(f"WARNING: embedding effective rank {rank:.1f} < 8: the embedding is collapsing")
-    return out

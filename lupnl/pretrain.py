@@ -7,10 +7,11 @@ __all__ = ['PRESETS', 'ARCH_CHOICES', 'VIEWS', 'RECIPES', 'BLUR_SIGMA', 'BLUR_HE
            'LOSS_KEYS', 'PANELS', 'ABLATION', 'TRACKER_NOISE', 'SUMMARY', 'PretrainMethod', 'PretrainConfig',
            'scaled_proto_momentum', 'blur_sigma', 'resolve_config', 'LARS', 'build_optimizer', 'label_scores',
            'held_out_split', 'build_model', 'trunk_kwargs', 'strong_view', 'weak_view', 'build_data', 'data_header',
-           'monitor_sample', 'monitor_row', 'PretrainRun', 'start_run', 'check_resumable_recipe', 'resume',
-           'device_views', 'train_one_epoch', 'validation_scores', 'end_epoch', 'log_epoch', 'finish_run', 'train',
-           'main', 'torchrun_command', 'launch', 'ablation_configs', 'finished_rows', 'random_init_scores', 'train_all',
-           'train_ablation', 'search_configs', 'select_settings', 'summarize_ablation', 'plot_ablation']
+           'monitor_summary', 'collapse_warnings', 'monitor_sample', 'monitor_row', 'PretrainRun', 'start_run',
+           'check_resumable_recipe', 'resume', 'device_views', 'train_one_epoch', 'validation_scores', 'end_epoch',
+           'log_epoch', 'finish_run', 'train', 'main', 'torchrun_command', 'launch', 'ablation_configs',
+           'finished_rows', 'random_init_scores', 'train_all', 'train_ablation', 'search_configs', 'select_settings',
+           'summarize_ablation', 'plot_ablation']
 
 # %% ../nbs/03_pretrain.ipynb #2e591967
 import copy, inspect, math, os, shlex, subprocess, sys, time
@@ -152,7 +153,7 @@ from .transforms import TwoViewTransform, reid_train_transform, reid_test_transf
 from .samplers import DistributedShuffleSampler
 from .noise import correction_scores
 from .models import ARCHS, VIT_ARCHS
-from .pnl import PNL, ABLATIONS, monitor_summary, collapse_warnings
+from .pnl import PNL, ABLATIONS, effective_rank
 from .checkpoints import (save_checkpoint, load_checkpoint, check_resumable, lmdb_fingerprint, resume_run,
                                save_backbone)
 from .evaluate import evaluate
@@ -294,6 +295,31 @@ def data_header(cfg, dataset, bench):
                      "pass --bench FOLDER (Market-1501 layout) to score it on yours")
     return lines
 
+# %% ../nbs/03_pretrain.ipynb #dbe1d332
+def monitor_summary(mon, labels=None, threshold=0.8):
+    "The logged numbers from `PNL.monitor`'s output: embedding mean norm and effective rank, confidences, nearest-prototype hits."
+    out = dict(emb_mean_norm=float(mon["emb"].mean(0).norm()), emb_eff_rank=effective_rank(mon["emb"])) if "emb" in mon else {}
+    if "emb_inst" in mon: out["emb_inst_eff_rank"] = effective_rank(mon["emb_inst"])
+    if "cls_conf" in mon: out["cls_conf_median"] = float(mon["cls_conf"].median())
+    if "proto_conf" in mon: out["proto_conf_median"] = float(mon["proto_conf"].median())
+    if "mixed_score" in mon: out["above_threshold"] = float((mon["mixed_score"] > threshold).float().mean())
+    if "proto_nearest" in mon and labels is not None:
+        out["proto_top1"] = float((mon["proto_nearest"].cpu() == labels.cpu()).float().mean())
+    return out
+
+def collapse_warnings(row, queue_size):
+    """Warnings for a metrics `row`: a dead instance branch (`loss_inst` within 2% of ln(queue_size+1), unless its top-1
+    accuracy `acc_inst` is at least 5x chance: a label-guided loss averages over several positives and sits high while
+    learning) or a collapsing embedding (`emb_eff_rank` < 8)."""
+    out, lnk = [], math.log(queue_size + 1)
+    li, rank = row.get("loss_inst"), row.get("emb_eff_rank")
+    alive = row.get("acc_inst") is not None and queue_size > 0 and row["acc_inst"] >= 5 * 100 / (queue_size + 1)
+    if queue_size > 0 and li is not None and li > 0 and abs(li - lnk) <= 0.02 * lnk and not alive:
+        out.append(f"WARNING: instance loss {li:.3f} is within 2% of ln(queue+1) = {lnk:.3f}: the instance branch has stopped learning")
+    if rank is not None and rank < 8:
+        out.append(f"WARNING: embedding effective rank {rank:.1f} < 8: the embedding is collapsing")
+    return out
+
 # %% ../nbs/03_pretrain.ipynb #3f1e8702
 def monitor_sample(dataset, n, size, seed=0):
     "A fixed sample of `n` crops of `dataset`'s LMDB (test transform) and their dataset indices."
@@ -303,7 +329,7 @@ def monitor_sample(dataset, n, size, seed=0):
     return torch.stack([ds[int(i)][0] for i in idx]), torch.as_tensor(idx)
 
 def monitor_row(run):
-    "Rank 0: the collapse / correction monitors of the fixed sample `run.mon` (`lupnl.pnl.monitor_summary`) and their time."
+    "Rank 0: the collapse / correction monitors of the fixed sample `run.mon` (`monitor_summary`) and their time."
     if run.mon is None: return {}
     t0, (images, index) = time.time(), run.mon
     mon = run.model.monitor(images.to(run.device))

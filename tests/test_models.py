@@ -577,7 +577,7 @@ def test_no_instance_ablation_builds_no_key_encoder_and_trains():
 
 def test_collapse_warnings_thresholds():
     import math
-    from lupnl.pnl import collapse_warnings
+    from lupnl.pretrain import collapse_warnings
     ln = math.log(1025)
     assert len(collapse_warnings(dict(loss_inst=ln * 1.019, emb_eff_rank=20.0), 1024)) == 1     # 1.9% above: dead
     assert collapse_warnings(dict(loss_inst=ln * 0.975, emb_eff_rank=20.0), 1024) == []         # 2.5% below: alive
