@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data import LMDBDataset, LMDBCrops, load_keys
+from .data import LMDBDataset, LMDBCrops, load_keys, crops_lmdb
 from .transforms import reid_test_transform
 from .noise import compare_labelings, label_owners, _owner_of
 from .checkpoints import load_model
@@ -65,6 +65,7 @@ def suspect_scores(feats, labels, k=10, T=0.1, chunk=512):
         loo = F.normalize(sums[own] - feats[r], dim=1)                           # own centroid without the crop
         logits[rows, own] = torch.where(counts[own] > 1, (feats[r] * loo).sum(1), torch.full((len(r),), -1.0))
         soft = 0.5 * vote / vote.sum(1, keepdim=True).clamp_min(1e-12) + 0.5 * torch.softmax(logits / T, dim=1)
+        soft[:, lab_t < 0] = -1                                               # unlabelled (-1): never proposed
         suspect[r] = 1 - soft[rows, own]
         conf[r], best = soft.max(1)
         proposal[r] = lab_t[best]
@@ -117,7 +118,7 @@ def merge_scores(feats, labels, k=10, top=5):
     link.index_put_((inv[:, None].expand_as(nn_idx)[other], inv[nn_idx][other]), torch.ones(int(other.sum())), accumulate=True)
     link = link / (counts[:, None] * k).clamp_min(1)
     return sorted(((0.5 * float(cs[a, b]) + 0.25 * float(link[a, b] + link[b, a]), int(labels_u[a]), int(labels_u[b]))
-                   for a, b in cand), reverse=True)
+                   for a, b in cand if labels_u[a] >= 0 and labels_u[b] >= 0), reverse=True)   # -1: unlabelled, never merged
 
 # %% ../nbs/08_clean.ipynb #69c67139
 class _Clusters:
@@ -152,6 +153,7 @@ def propose_cleaning(feats, labels, meta=None, move_threshold=0.7, merge_thresho
         if clusters.join(a, b): changes.append((-1, int(b), int(a), score, "merge"))
     root = {int(l): clusters.find(int(l)) for l in np.unique(new)}
     s["moved"] = new                                                   # the labels after the moves, before the merges
+    changes = [(i, old, root.get(l, l), sc, kind) for i, old, l, sc, kind in changes]   # as written: the final labels
     return np.array([root[int(l)] for l in new]), s, changes
 
 # %% ../nbs/08_clean.ipynb #b83df62a
@@ -165,6 +167,7 @@ def average_linkage_merges(feats, labels, meta=None, threshold=0.6):
     pos = {int(l): i for i, l in enumerate(labels_u)}
     for a, b in cannot_link(meta or {}, labels): S[pos[a], pos[b]] = S[pos[b], pos[a]] = -np.inf
     S.fill_diagonal_(-np.inf)
+    S[labels_u < 0], S[:, labels_u < 0] = -np.inf, -np.inf              # unlabelled (-1): never merged
     root = np.arange(len(labels_u))
     while True:
         v, ij = S.flatten().max(0)
@@ -211,23 +214,29 @@ def cleanlab_issues(feats, labels, folds=5, seed=0):
                 proposal=labels_u[probs.argmax(1)])
 
 # %% ../nbs/08_clean.ipynb #eb61bd26
-def write_cleaned(data, out, labels, changes, summary):
+def _json_safe(d):
+    "`d` for strict JSON: NaN and inf (an undefined score) become null, numpy numbers plain ones."
+    num = lambda v: None if isinstance(v, float) and not np.isfinite(v) else v
+    return {k: num(float(v)) if isinstance(v, (float, np.floating)) else int(v) if isinstance(v, np.integer) else v for k, v in d.items()}
+
+def write_cleaned(data, out, labels, changes, summary, label_field="pids"):
     """`out/keys.pkl` (the data's `keys.pkl` with `pids` rewritten and the old ones kept as `pids_before`), the images
     linked (or copied) beside it so that `--data out` reads it as it is, `changes.csv` and `scores.json`."""
     from lupnl.data import _write_keys
-    data, out = Path(data), Path(out)
+    data, out = Path(data).resolve(), Path(out)
+    if out.resolve() == data: raise ValueError(f"--out {out} is the data folder itself: write the cleaned labels elsewhere")
     out.mkdir(parents=True, exist_ok=True)
     info = dict(load_keys(data))
-    info["pids_before"], info["pids"] = list(info["pids"]), [int(l) for l in labels]
+    info["pids_before"], info[label_field] = list(info[label_field]), [int(l) for l in labels]
     _write_keys(out, info)
-    for name in ("data.mdb",):
-        dst = out / name
-        if dst.exists() or dst.is_symlink(): dst.unlink()
-        try: os.link(data / name, dst)                                      # same file system: no copy
-        except OSError: dst.symlink_to((data / name).resolve())
+    tmp = out / ".data.mdb.tmp"
+    tmp.unlink(missing_ok=True)
+    try: os.link(data / "data.mdb", tmp)                                     # same file system: no copy
+    except OSError: tmp.symlink_to(data / "data.mdb")
+    os.replace(tmp, out / "data.mdb")
     with open(out / "changes.csv", "w", newline="") as f:
         w = csv.writer(f); w.writerow(["crop", "old_label", "new_label", "score", "kind"]); w.writerows(changes)
-    (out / "scores.json").write_text(json.dumps(summary, indent=1, default=float))
+    (out / "scores.json").write_text(json.dumps(_json_safe(summary), indent=1))
     return out
 
 # %% ../nbs/08_clean.ipynb #af7b9d12
@@ -238,7 +247,8 @@ def clean(checkpoint, data=None, out="runs/clean", move_threshold=0.7, merge_thr
     (scored against `true_pids` where `keys.pkl` has them). Returns the summary."""
     from lupnl.toy import toy_dataset
     model = load_model(checkpoint, device)
-    data = Path(data or (model.config or {}).get("data") or toy_dataset(progress=False).lmdb)
+    own = (model.config or {}).get("data") if model.kind == "pretrain" else None   # a pre-training run's own data
+    data = crops_lmdb(data or own) if (data or own) else toy_dataset(progress=False).lmdb
     ds = LMDBDataset(data)
     feats = crop_features(model, data, batch_size, workers, device, progress)
     after, s, changes = propose_cleaning(feats, ds.labels, ds.meta, move_threshold, merge_threshold, k)
@@ -247,7 +257,7 @@ def clean(checkpoint, data=None, out="runs/clean", move_threshold=0.7, merge_thr
                    merges=sum(c[4] == "merge" for c in changes), move_threshold=move_threshold, merge_threshold=merge_threshold, k=k)
     if ds.meta.get("true_pids") is not None:
         summary.update(score_cleaning(ds.meta["true_pids"], ds.labels, after, s["suspect"], ds.meta.get("noise_kinds"), s["moved"]))
-    write_cleaned(data, out, after, changes, summary)
+    write_cleaned(data, out, after, changes, summary, ds.label_field)
     return summary
 
 # %% ../nbs/08_clean.ipynb #d4fc4f49
@@ -270,7 +280,7 @@ def main(argv=None):
     a = cli_parser().parse_args(argv)
     with user_errors("python -m lupnl.clean", a.debug):
         s = clean(a.checkpoint, a.data, a.out, a.move_threshold, a.merge_threshold, a.k, a.device, progress=sys.stderr.isatty())
-    print(json.dumps(s, default=float))
+    print(json.dumps(_json_safe(s)))
     return s
 
 # %% ../nbs/08_clean.ipynb #d4bff0ee

@@ -193,12 +193,15 @@ def build_optimizer(cfg, model):
 # %% ../nbs/03_pretrain.ipynb #3197bee7
 def label_scores(run):
     "`lupnl.noise.correction_scores` of the run's current labels against the tracker's (and the truth, where known)."
-    return correction_scores(run.noisy.numpy(), run.labels.cpu().numpy(), run.true, run.dataset.meta.get("noise_kinds"))
+    keep = getattr(run.dataset, "train_index", slice(None))            # with --val_ids: the held-out crops are never trained
+    pick = lambda a: None if a is None else np.asarray(a)[keep]
+    return correction_scores(run.noisy.numpy()[keep], run.labels.cpu().numpy()[keep], pick(run.true), pick(run.dataset.meta.get("noise_kinds")))
 
 # %% ../nbs/03_pretrain.ipynb #8edef725
 def held_out_split(dataset, n_ids, seed=0):
     """`(train_index, query, gallery)`: `n_ids` identities (true ones where `keys.pkl` has them, else noisy labels; the same
-    draw for every run on this data) out of training; of each, one crop per camera is a query and the rest the gallery."""
+    draw for every run on this data) out of training; of each, one crop per camera is a query and the rest the gallery
+    (an identity seen by one camera: its query gets a camera of its own, so its gallery crops count as matches)."""
     true = dataset.meta.get("true_pids")
     ids = np.asarray(true if true is not None else dataset.labels)
     cams = np.asarray(dataset.meta.get("camids", np.zeros(len(ids), np.int64)))
@@ -208,8 +211,9 @@ def held_out_split(dataset, n_ids, seed=0):
     out = np.isin(ids, held)
     first = np.zeros(len(ids), bool)
     first[np.flatnonzero(out)[np.unique(np.stack([ids[out], cams[out]]), axis=1, return_index=True)[1]]] = True
-    one_cam = "camids" not in dataset.meta      # no cameras: the queries form camera 0, the gallery camera 1
-    qcam, gcam = (np.zeros_like(cams), np.ones_like(cams)) if one_cam else (cams, cams)
+    n_cams = {i: len(np.unique(cams[out & (ids == i)])) for i in held}
+    single = np.isin(ids, [i for i, n in n_cams.items() if n < 2])     # seen by one camera: the queries get a camera of their own
+    qcam, gcam = np.where(single, cams.max() + 1, cams), cams
     q, g = np.flatnonzero(first), np.flatnonzero(out & ~first)
     return np.flatnonzero(~out), (q, ids[q], qcam[q]), (g, ids[g], gcam[g])
 
@@ -276,6 +280,7 @@ def build_data(cfg, rank=0, world_size=1, cuda=False, defer=None):
     if cfg.val_ids:                                                   # held-out identities: a validation benchmark
         keep, query, gallery = held_out_split(dataset, cfg.val_ids)
         train_set = torch.utils.data.Subset(dataset, keep)           # items keep their index into the whole dataset
+        dataset.train_index = keep                                    # label scores: the trained crops only
         dataset.val = [LMDBCrops(data_root, reid_test_transform(cfg.img_size), *part) for part in (query, gallery)]
     sampler = DistributedShuffleSampler(train_set, seed=cfg.seed)
     loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.batch_size // world_size, sampler=sampler,
@@ -646,9 +651,9 @@ def select_settings(cfg, presets=tuple(ABLATION), lr_factors=(1, 3, 10), budgets
     table = pd.DataFrame([dict(model=p, lr_factor=f, epochs=e, lr=grid[p, f, e].lr,
                                val_mAP=runs[p, f, e][-1]["val_mAP"] if runs[p, f, e] else float("nan")) for p, f, e in grid])
     best = table.dropna().sort_values(["val_mAP", "epochs"], ascending=[False, True]).groupby("model", sort=False).head(1)
-    best = best.set_index("model").loc[list(presets)].assign(at_cap=lambda b: b.epochs == max(budgets))
     table.to_csv(Path(cfg.out_dir) / "search.csv", index=False)
-    return {p: dict(lr=float(b.lr), epochs=int(b.epochs)) for p, b in best.iterrows()}, best
+    best = best.set_index("model").reindex(list(presets)).assign(at_cap=lambda b: b.epochs == max(budgets))   # NaN: every run failed
+    return {p: dict(lr=float(b.lr), epochs=int(b.epochs)) for p, b in best.dropna(subset=["lr"]).iterrows()}, best
 
 # %% ../nbs/03_pretrain.ipynb #5c6e68eb
 SUMMARY = ("mAP", "rank1", "emb_eff_rank", "corrected_frac", "correction_precision", "correction_recall",

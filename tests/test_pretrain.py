@@ -332,3 +332,16 @@ def test_help_shows_val_ids_and_inst_head_off(env):
     assert "--val-ids VAL_IDS hold out this many identities" in text
     inst = text.split("--inst-head [INST_HEAD]", 1)[1][:200]
     assert inst.startswith(" extension, not in the reference") and "(default: False;" in inst
+
+
+def test_val_ids_on_tracker_data_where_each_identity_has_one_camera(tmp_path, tiny_lmdb):
+    "MOT-built data: an identity is seen by one camera (its sequence); its held-out query gets a camera of its own."
+    from lupnl.data import LMDBDataset, write_lmdb
+    from lupnl.pretrain import held_out_split
+    ds = LMDBDataset(tiny_lmdb)
+    true = np.asarray(ds.meta["true_pids"])
+    out = write_lmdb(tmp_path / "mot", ((ds.read_bytes(i), int(ds.labels[i])) for i in range(len(ds))), progress=False,
+                     extra={"true_pids": true.tolist(), "camids": (np.maximum(true, 0) % 3).tolist()})   # one camera per identity
+    keep, (qi, qp, qc), (gi, gp, gc) = held_out_split(LMDBDataset(out), 3)
+    for q, cam in zip(qp, qc):
+        assert any((gp == q) & (gc != cam)), "a query with no gallery match in another camera cannot be scored"
