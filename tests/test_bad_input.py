@@ -417,7 +417,7 @@ def test_finetune_stops_at_the_first_non_finite_loss(ft_finished, tmp_path, monk
     """A NaN loss at the second step of epoch 2: one line naming the epoch, step, lr and cause; the checkpoint stays epoch 1's
     (before: every epoch trained with loss null and was saved). The run then resumes from there."""
     from lupnl.runs import NonFiniteLossError
-    cfg = replace(copy_run(ft_finished, tmp_path / "run"), epochs=2)
+    cfg = replace(copy_run(ft_finished, tmp_path / "run"), epochs=2, lr_steps=())   # its steps, given: one more epoch
     real, calls = ft.reid_losses, []
     def nan_once(out, labels, c):
         loss, ce, tri = real(out, labels, c)
@@ -466,7 +466,7 @@ def test_pretrain_stops_at_the_first_non_finite_loss(finished, tmp_path, monkeyp
 def test_finetune_checkpoint_comes_before_the_final_evaluation(ft_finished, tmp_path, monkeypatch):
     """The final evaluation fails (before: after the last epoch, whose checkpoint was not yet written): the epoch is kept;
     the run restarted evaluates and logs it without training it again."""
-    cfg = replace(copy_run(ft_finished, tmp_path / "run"), epochs=2)
+    cfg = replace(copy_run(ft_finished, tmp_path / "run"), epochs=2, lr_steps=())   # its steps, given: one more epoch
     def broken(*a, **k): raise RuntimeError("the evaluation failed")
     monkeypatch.setattr(ft, "evaluate", broken)
     with pytest.raises(RuntimeError, match="the evaluation failed"): ft.train(cfg)
