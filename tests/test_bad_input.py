@@ -222,27 +222,25 @@ def _ranks(torchrun_pid):
 
 @pytest.mark.slow
 def test_frozen_ddp_rank_fails_in_bounded_time(tmp_path, env, tiny_lmdb, tiny_bench, tiny_config):
-    "SIGSTOP rank 1 after the first epoch: with timeout=10 the job fails, saying why, long before torch's 30 minutes."
+    "SIGSTOP rank 1 after the first epoch: the job fails through its own timeout=10, saying why, not through torch's 30 minutes."
     out = tmp_path / "ddp"
     cmd = torchrun_command(tiny_config(tiny_lmdb, tiny_bench, out, 50, timeout=10), 2)
     proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.time() + 300
-        while not (out / "checkpoint.pth").exists():
-            assert proc.poll() is None and time.time() < deadline, "no first epoch"
+        while not (out / "checkpoint.pth").exists():                  # a finite run: it writes one or ends
+            assert proc.poll() is None, "the job ended before its first epoch"
             time.sleep(0.1)
         ranks = _ranks(proc.pid)
         ranks[1].suspend()                                            # SIGSTOP
         t0 = time.time()
-        output, _ = proc.communicate(timeout=180)
+        output, _ = proc.communicate()                                # without lupnl's timeout, torch's own 30 min would end it
         waited = time.time() - t0
     finally:
         for p in _ranks(proc.pid).values() if proc.poll() is None else []: p.kill()
         if proc.poll() is None: proc.kill()
-    print(f"frozen rank: the job failed {waited:.0f} s after the SIGSTOP (timeout=10)")
+    print(f"frozen rank: the job failed {waited:.0f} s after the SIGSTOP (timeout=10)")     # measured, not asserted
     assert proc.returncode != 0
-    assert "waited more than timeout=10" in output and "froze or died" in output, output[-3000:]
-    assert waited < 120
+    assert "waited more than timeout=10" in output and "froze or died" in output, output[-3000:]   # lupnl's timeout fired
 
 
 # ---------------------------------------------------------------- fine-tuning: resume, lock, init (1, 2, 7, 8)

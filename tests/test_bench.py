@@ -16,7 +16,6 @@ def test_bench_cli_tiny_on_cpu(tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     res = json.loads(out.read_text())
     assert res["device"].startswith("cpu") and res["settings"]["arch"] == "resnet18"
-    for k in ("backbone", "floor", "pnl"): assert {"ms", "images_per_s"} <= set(res["step"][k])   # measured, not asserted
     assert 0 < res["evaluate"]["mAP"] <= 1 and "PNL step:" in p.stdout and "| pnl |" in p.stdout
 
 

@@ -84,10 +84,8 @@ def test_kill_and_resume(tmp_path, env, tiny_lmdb, tiny_bench, tiny_config):
     proc = subprocess.Popen(cmd + args, env=env, cwd=tmp_path,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.time() + 300
-        while not (out / "checkpoint.pth").exists():
+        while not (out / "checkpoint.pth").exists():                  # a finite run: it writes one or ends
             assert proc.poll() is None, f"run ended (rc {proc.returncode}) before writing a checkpoint"
-            assert time.time() < deadline, "no checkpoint after 300 s"
             time.sleep(0.05)
     finally: proc.send_signal(signal.SIGKILL)
     proc.wait()
