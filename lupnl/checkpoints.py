@@ -10,11 +10,10 @@ __all__ = ['MAY_CHANGE', 'DEFAULT_SIZE', 'CheckpointError', 'save_checkpoint', '
            'weights_trunk', 'load_model']
 
 # %% ../nbs/02d_checkpoints.ipynb #1f1f5a2a
-import hashlib, json, math, warnings
+import hashlib, json, shlex, warnings
 from dataclasses import dataclass, field, fields, asdict
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torchvision
@@ -90,6 +89,14 @@ def checkpoint_to_resume(cfg):
     if not Path(cfg.resume).is_file(): raise FileNotFoundError(f"resume={cfg.resume!r}: no such checkpoint file")
     return Path(cfg.resume)
 
+# %% ../nbs/02d_checkpoints.ipynb #941a5304
+def _derived_hint(diffs, saved, asked, follow_epochs):
+    "The refusal's last line where differing fields follow `epochs` because the run left them None: the flags that keep them."
+    derived = [k for k in follow_epochs if asked is not None and getattr(asked, k) is None and any(d.startswith(f"{k}:") for d in diffs)]
+    flag = lambda k, v: f"--{k} " + shlex.quote(",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v))
+    return (f"\n{', '.join(derived)} follow epochs when left None: to resume with another number of epochs, give them explicitly "
+            f"(the checkpoint's: {' '.join(flag(k, saved.get(k)) for k in derived)})") if derived else ""
+
 # %% ../nbs/02d_checkpoints.ipynb #4d6935e8
 def _normalised(config_cls, saved):
     "The saved config as `config_cls` would hold it (tuples, None), or the raw dict if it no longer builds."
@@ -97,8 +104,9 @@ def _normalised(config_cls, saved):
     try: return asdict(config_cls(**{k: v for k, v in saved.items() if k in known}))
     except (TypeError, ValueError): return saved
 
-def check_resumable(ckpt, cfg, path, fingerprint=None):
-    "Refuse (`ValueError`) to resume `ckpt` if its config differs from `cfg` outside `MAY_CHANGE`, or its data `fingerprint` differs."
+def check_resumable(ckpt, cfg, path, fingerprint=None, asked=None, follow_epochs=()):
+    """Refuse (`ValueError`) to resume `ckpt` if its config differs from `cfg` outside `MAY_CHANGE`, or its data `fingerprint`
+    differs; where a differing field is one of `follow_epochs` that the config as given (`asked`) left None, say how to keep it."""
     saved = ckpt.get("config")
     if not isinstance(saved, dict): raise CheckpointError(f"{path} holds no run config: not a checkpoint of a lupnl job")
     old, diffs = _normalised(type(cfg), saved), []
@@ -113,7 +121,7 @@ def check_resumable(ckpt, cfg, path, fingerprint=None):
     if diffs:
         raise ValueError(f"cannot resume from {path}: it was written by a different run:\n  " + "\n  ".join(diffs) +
                          f"\nTo start afresh, use another out_dir, or resume='never' (--resume never) to overwrite "
-                         f"{Path(path).parent}. Fields that may change on resume: {', '.join(MAY_CHANGE)}.")
+                         f"{Path(path).parent}. Fields that may change on resume: {', '.join(MAY_CHANGE)}." + _derived_hint(diffs, saved, asked, follow_epochs))
 
 # %% ../nbs/02d_checkpoints.ipynb #75c7ae85
 def _sha(data): return hashlib.sha256(data).hexdigest()[:16]
@@ -133,14 +141,14 @@ def items_fingerprint(items):
     return dict(images=len(rows), items_sha256=_sha(json.dumps(rows).encode()))
 
 # %% ../nbs/02d_checkpoints.ipynb #48a8d0cf
-def resume_run(run, is_kind, not_kind, check=None):
-    "Load the checkpoint `run.cfg.resume` asks for into `run` (model, optimizer, scaler, start_epoch): `(path, checkpoint)`, or None."
+def resume_run(run, is_kind, not_kind, follow_epochs=()):
+    """Load the checkpoint `run.cfg.resume` asks for into `run` (model, optimizer, scaler, start_epoch) if it is this job's
+    kind and this run (`check_resumable`; `follow_epochs`: the job's fields derived from the epochs): `(path, checkpoint)`, or None."""
     path = checkpoint_to_resume(run.cfg)
     if path is None: return None
     ckpt = load_checkpoint(path, map_location=run.device)
     if not is_kind(ckpt): raise ValueError(f"{path} {not_kind}")
-    if check is None: check_resumable(ckpt, run.cfg, path, run.fingerprint)
-    else: check(ckpt, path)
+    check_resumable(ckpt, run.cfg, path, run.fingerprint, getattr(run, "asked", None), follow_epochs)
     load_state(run.model, ckpt["model"], path, ckpt.get("config"))
     run.optimizer.load_state_dict(ckpt["optimizer"])
     if ckpt["scaler"]: run.scaler.load_state_dict(ckpt["scaler"])   # empty when saved without AMP (e.g. on CPU)

@@ -20,7 +20,7 @@ from .transforms import reid_test_transform
 from .noise import compare_labelings, label_owners, _owner_of
 from .checkpoints import load_model
 from .evaluate import extract_features
-from .runs import JobParser, user_errors
+from .runs import JobParser, user_errors, json_value
 
 # %% ../nbs/08_clean.ipynb #2f591d21
 def crop_features(model, data, batch_size=128, workers=0, device="cpu", progress=True):
@@ -214,11 +214,6 @@ def cleanlab_issues(feats, labels, folds=5, seed=0):
                 proposal=labels_u[probs.argmax(1)])
 
 # %% ../nbs/08_clean.ipynb #eb61bd26
-def _json_safe(d):
-    "`d` for strict JSON: NaN and inf (an undefined score) become null, numpy numbers plain ones."
-    num = lambda v: None if isinstance(v, float) and not np.isfinite(v) else v
-    return {k: num(float(v)) if isinstance(v, (float, np.floating)) else int(v) if isinstance(v, np.integer) else v for k, v in d.items()}
-
 def write_cleaned(data, out, labels, changes, summary, label_field="pids"):
     """`out/keys.pkl` (the data's `keys.pkl` with `pids` rewritten and the old ones kept as `pids_before`), the images
     linked (or copied) beside it so that `--data out` reads it as it is, `changes.csv` and `scores.json`."""
@@ -236,7 +231,7 @@ def write_cleaned(data, out, labels, changes, summary, label_field="pids"):
     os.replace(tmp, out / "data.mdb")
     with open(out / "changes.csv", "w", newline="") as f:
         w = csv.writer(f); w.writerow(["crop", "old_label", "new_label", "score", "kind"]); w.writerows(changes)
-    (out / "scores.json").write_text(json.dumps(_json_safe(summary), indent=1))
+    (out / "scores.json").write_text(json.dumps({k: json_value(v) for k, v in summary.items()}, indent=1))
     return out
 
 # %% ../nbs/08_clean.ipynb #af7b9d12
@@ -280,7 +275,7 @@ def main(argv=None):
     a = cli_parser().parse_args(argv)
     with user_errors("python -m lupnl.clean", a.debug):
         s = clean(a.checkpoint, a.data, a.out, a.move_threshold, a.merge_threshold, a.k, a.device, progress=sys.stderr.isatty())
-    print(json.dumps(_json_safe(s)))
+    print(json.dumps({k: json_value(v) for k, v in s.items()}))
     return s
 
 # %% ../nbs/08_clean.ipynb #d4bff0ee

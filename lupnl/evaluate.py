@@ -602,7 +602,6 @@ def default_benchmark(model, data=None):
 from contextlib import contextmanager
 from .data import DataError
 
-_USER_ERRORS = (OSError, ValueError, DataError)  # what `python -m lupnl.evaluate` reports in one line, without a traceback
 
 def _one_line(e):
     "`e`'s message on one line: runs of white space joined, a DataLoader worker's traceback (see `DataError`) left out."

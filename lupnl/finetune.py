@@ -12,10 +12,9 @@ __all__ = ['ARCH_CHOICES', 'config_parser', 'parse_config', 'LR_STEPS', 'LOSS_KE
 import copy, math, sys, time
 from dataclasses import dataclass, asdict, fields
 from pathlib import Path
-from types import SimpleNamespace
 
 from fastcore.imports import IN_NOTEBOOK
-from .runs import (opt, check_config, job_cli, config_args, learning_rate, set_lr, append_metrics, read_metrics,
+from .runs import (opt, check_config, job_cli, learning_rate, set_lr, append_metrics, read_metrics,
                         truncate_metrics, open_out_dir, resolve_device, seed_everything, epoch_seed, format_row, log_line,
                         skipped_images, plot_log, wait_policy, set_threads, LossGuard)
 if __name__ == "__main__": wait_policy()   # a script or a notebook: before torch is imported (see lupnl.runs)
@@ -191,9 +190,6 @@ class FinetuneRun:
     asked: FinetuneConfig = None    # the config as given (`cfg` is it resolved: lr_steps None follow epochs)
 
 # %% ../nbs/04_finetune.ipynb #d1807689
-import shlex
-from .checkpoints import check_resumable
-
 def start_run(cfg):
     "Data, model (its load report logged), optimizer and AMP scaler of `cfg`, resumed where there is a checkpoint of this run."
     asked, cfg, device = cfg, resolve_config(cfg), resolve_device(cfg.device)      # lr_steps None: the reference's, scaled
@@ -221,14 +217,8 @@ def start_run(cfg):
 # %% ../nbs/04_finetune.ipynb #7280ddee
 def resume(run):
     "Continue `run` from the checkpoint `cfg.resume` asks for, if it is a fine-tuning checkpoint of this run."
-    def check(ck, path):
-        try: check_resumable(ck, run.cfg, path, run.fingerprint)
-        except ValueError as e:
-            if run.asked.lr_steps is not None or "\n  lr_steps:" not in str(e): raise
-            raise ValueError(f"{e}\nlr_steps follow epochs when left None: to resume with another number of epochs, give them "
-                             f"explicitly (the checkpoint's: --lr_steps {shlex.quote(','.join(map(str, ck['config']['lr_steps'])))})") from None
     found = resume_run(run, lambda ck: "model" in (ck.get("config") or {}) and "num_classes" in ck,
-                       "is not a fine-tuning checkpoint (to start from pre-trained weights, pass them as init)", check=check)
+                       "is not a fine-tuning checkpoint (to start from pre-trained weights, pass them as init)", follow_epochs=("lr_steps",))
     if found: log_line(run.out_dir, f"resumed from {found[0]} after epoch {run.start_epoch}")
     truncate_metrics(run.out_dir, run.start_epoch)
     if found and found[1].get("row") and all(r["epoch"] < run.start_epoch - 1 for r in read_metrics(run.out_dir)):

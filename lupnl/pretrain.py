@@ -8,13 +8,12 @@ __all__ = ['PRESETS', 'ARCH_CHOICES', 'VIEWS', 'RECIPES', 'BLUR_SIGMA', 'BLUR_HE
            'scaled_proto_momentum', 'blur_sigma', 'resolve_config', 'LARS', 'build_optimizer', 'label_scores',
            'held_out_split', 'build_model', 'trunk_kwargs', 'strong_view', 'weak_view', 'build_data', 'data_header',
            'monitor_summary', 'collapse_warnings', 'monitor_sample', 'monitor_row', 'PretrainRun', 'start_run',
-           'check_resumable_recipe', 'resume', 'device_views', 'train_one_epoch', 'validation_scores', 'end_epoch',
-           'log_epoch', 'finish_run', 'train', 'main', 'torchrun_command', 'launch', 'ablation_configs',
-           'finished_rows', 'random_init_scores', 'train_all', 'train_ablation', 'search_configs', 'select_settings',
-           'summarize_ablation', 'plot_ablation']
+           'resume', 'device_views', 'train_one_epoch', 'validation_scores', 'end_epoch', 'log_epoch', 'finish_run',
+           'train', 'main', 'torchrun_command', 'launch', 'ablation_configs', 'finished_rows', 'random_init_scores',
+           'train_all', 'train_ablation', 'search_configs', 'select_settings', 'summarize_ablation', 'plot_ablation']
 
 # %% ../nbs/03_pretrain.ipynb #2e591967
-import copy, inspect, math, os, shlex, subprocess, sys, time
+import copy, inspect, math, os, subprocess, sys, time
 from dataclasses import dataclass, asdict, fields, replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -400,20 +399,10 @@ def start_run(cfg, rank=0, world_size=1, device=torch.device("cpu")):
     return run
 
 # %% ../nbs/03_pretrain.ipynb #4a1f2e23
-def check_resumable_recipe(ckpt, run, path):
-    "`check_resumable`, with a hint where the differences are schedule fields derived from `epochs` (left None)."
-    try: check_resumable(ckpt, run.cfg, path, run.fingerprint)
-    except ValueError as e:
-        derived = [k for k in ("lr_steps", "correct_start", "label_guided_start", "proto_momentum") if getattr(run.asked, k) is None and f"\n  {k}:" in str(e)]
-        if not derived: raise
-        flag = lambda k, v: f"--{k} " + shlex.quote(",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v))
-        raise ValueError(f"{e}\n{', '.join(derived)} follow epochs when left None: to resume with another number of epochs, give "
-                         f"them explicitly (the checkpoint's: {' '.join(flag(k, ckpt['config'].get(k)) for k in derived)})") from None
-
 def resume(run):
     "Continue `run` from the checkpoint `cfg.resume` asks for, if it belongs to this run (else an error naming the differences)."
     found = resume_run(run, lambda ck: "labels" in ck, "is not a pre-training checkpoint (no 'labels'); use resume='never' or another out_dir",
-                       check=lambda ck, path: check_resumable_recipe(ck, run, path))
+                       follow_epochs=("lr_steps", "correct_start", "label_guided_start", "proto_momentum"))
     if found:
         run.labels.copy_(found[1]["labels"])
         if run.rank == 0: print(f"resumed from {found[0]} at epoch {run.start_epoch}", flush=True)

@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['LEFT_BY_A_FAILED_START', 'opt', 'int_tuple', 'check_config', 'size_arg', 'field_help', 'JobParser',
            'dataclass_parser', 'parse_config', 'config_args', 'job_cli', 'check_parameters', 'learning_rate', 'set_lr',
-           'atomic_write', 'remove_stale_temps', 'append_metrics', 'read_metrics', 'truncate_metrics',
+           'atomic_write', 'remove_stale_temps', 'json_value', 'append_metrics', 'read_metrics', 'truncate_metrics',
            'close_tensorboard', 'tensorboard_writer', 'log_scalars', 'log_image', 'OutDirInUse', 'lock_out_dir',
            'open_out_dir', 'created_by', 'remove_unused_out_dir', 'user_error', 'user_errors', 'job_main',
            'resolve_device', 'setup_distributed', 'teardown_distributed', 'timeout_error', 'seed_everything',
@@ -223,9 +223,14 @@ def remove_stale_temps(folder):
     return sorted(gone)
 
 # %% ../nbs/02a_runs.ipynb #f1141ac6
+def json_value(v):
+    "`v` as strict JSON takes it: NaN and inf (an undefined score) become null, numpy scalars plain Python numbers."
+    v = v.item() if isinstance(v, np.generic) else v
+    return None if isinstance(v, float) and not math.isfinite(v) else v
+
 def append_metrics(out_dir, row):
     "Append `row` (a dict) as one JSON line to `out_dir/metrics.jsonl` (NaN / inf become null), and its numbers to TensorBoard (`log_scalars`)."
-    row = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
+    row = {k: json_value(v) for k, v in row.items()}
     path = Path(out_dir) / "metrics.jsonl"
     try:
         with open(path, "a") as f:

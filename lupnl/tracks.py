@@ -51,6 +51,7 @@ from tqdm.auto import tqdm
 
 from .data import IMG_EXTS, DataError, DataNotFoundError, write_lmdb
 from .noise import measure_noise, simulate_noise
+from .runs import json_value
 
 # %% ../nbs/00b_tracks.ipynb #24bc5ffc
 MOT_COLUMNS = ("frame", "id", "x", "y", "w", "h", "conf", "cls", "vis")
@@ -482,13 +483,11 @@ def format_report(report):
     return report[cols].to_string(formatters=fmt)
 
 # %% ../nbs/00b_tracks.ipynb #882da6da
-def _jsonable(v): return None if isinstance(v, float) and math.isnan(v) else v.item() if isinstance(v, np.generic) else v
-
 def save_report(path, report, **settings):
     "Write `tracker_noise`'s `report` and the `settings` it was made with as JSON to `path`: `sequences` (one dict each), `all`."
-    rows = {s: {k: _jsonable(v) for k, v in r.items()} for s, r in report.to_dict(orient="index").items()}
+    rows = {s: {k: json_value(v) for k, v in r.items()} for s, r in report.to_dict(orient="index").items()}
     all_ = rows.pop("all", None)
-    Path(path).write_text(json.dumps(dict({k: _jsonable(v) for k, v in settings.items()}, sequences=rows, all=all_), indent=1) + "\n")
+    Path(path).write_text(json.dumps(dict({k: json_value(v) for k, v in settings.items()}, sequences=rows, all=all_), indent=1) + "\n")
     return Path(path)
 
 def tracks_dataset(sequences, out_dir, tracker="gt", min_iou=0.5, quality=95, progress=True, **filters):

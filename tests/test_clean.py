@@ -28,9 +28,12 @@ def test_command_line_writes_cleaned_labels(finished, tiny_lmdb, tmp_path):
 
 
 def test_cleaning_into_its_own_data_folder_is_refused(tiny_lmdb, tmp_path):
+    import hashlib
+    digest = lambda: {f: hashlib.sha256((Path(tiny_lmdb) / f).read_bytes()).hexdigest() for f in ("keys.pkl", "data.mdb")}
+    before = digest()
     with pytest.raises(ValueError, match="is the data folder itself"):
         write_cleaned(tiny_lmdb, tiny_lmdb, LMDBDataset(tiny_lmdb).labels, [], {})
-    assert LMDBDataset(tiny_lmdb)[0] is not None                        # the data is untouched
+    assert digest() == before and not (Path(tiny_lmdb) / "data.mdb").is_symlink()   # the data is untouched
 
 
 def test_unlabelled_crops_are_never_a_target():
